@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, clear errors for unreadable files, strict loading that names mismatches."""
+
 from pathlib import Path
 
 import pytest

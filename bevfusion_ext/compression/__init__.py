@@ -1,4 +1,5 @@
 """Framework-free compression core: recipes, pruning, quantization and checkpoint state on plain torch."""
+
 from .checkpoint import (
     CheckpointError,
     atomic_save,

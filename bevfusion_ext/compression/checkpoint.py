@@ -1,4 +1,5 @@
 """Checkpoint files that are written atomically, read with clear errors and loaded strictly."""
+
 from __future__ import annotations
 
 import os
@@ -76,7 +77,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         shown = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise CheckpointError(
-            f"checkpoint {source} does not fit the model built from the config ({len(problems)} problems):\n  {shown}{more}\n"
+            f"checkpoint {source} does not fit the model built from the config "
+            f"({len(problems)} problems):\n  {shown}{more}\n"
             "Use the config the checkpoint was trained with, or a checkpoint of this architecture."
         )
     model.load_state_dict(state_dict, strict=True)

@@ -1,4 +1,5 @@
 """Digests of a model's architecture and weights, to prove every rank holds the same model."""
+
 from __future__ import annotations
 
 import hashlib

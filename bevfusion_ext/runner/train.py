@@ -1,0 +1,167 @@
+"""BEVFusion's tools/train.py + mmdet3d.apis.train_model, on CPU or GPU, with strict loading and real custom_hooks."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from mmcv import Config
+from mmcv.runner import DistSamplerSeedHook, Fp16OptimizerHook, OptimizerHook, build_optimizer
+from mmcv.utils import get_logger
+from torchpack import distributed as tp_dist
+
+from .builder import build_dataloader, build_dataset, build_model, check_registered
+from .config import ConfigError, ConfigSources, load_config, validate_config
+from .hooks import MetricsEvalHook, RankConsistencyHook
+from .parallel import DistributedDataParallel
+from .runner import CompressionEpochBasedRunner
+
+LOGGER_NAME = "bevfusion_ext"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """torchpack's `dist.init` (MPI ranks, TCP rendezvous) on gloo for CPU and nccl for GPU; plain `python` = 1 rank."""
+    if tdist.is_initialized():
+        return
+    if "MASTER_HOST" not in os.environ:
+        if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                "MASTER_HOST is not set for a multi-process launch: start training with "
+                "'torchpack dist-run -np N python tools/train_compressed.py ...'"
+            )
+        os.environ["MASTER_HOST"] = f"127.0.0.1:{_free_port()}"
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    tp_dist.init(backend=backend)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_dist.local_size()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(tp_dist.local_rank())
+
+
+def _shared_run_dir(config_path: str, run_dir: str | None) -> Path:
+    """Rank 0 names the run directory (default `runs/<config>-<time>`) and every rank uses that name."""
+    name = [run_dir or f"runs/{Path(config_path).stem}-{time.strftime('%Y%m%d_%H%M%S')}"]
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.broadcast_object_list(name, src=0)
+    path = Path(name[0])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def prepare_config(config_path: str, opts: list[str]) -> tuple[Config, ConfigSources]:
+    """Load, evaluate and validate a config so every error surfaces before a process group or model exists."""
+    cfg, sources = load_config(config_path, opts)
+    validate_config(cfg, sources)
+    check_registered(cfg, sources)
+    return cfg, sources
+
+
+def _seed_everything(seed: int | None) -> None:
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _optimizer_hook(cfg: Config, logger: Any) -> Any:
+    """OptimizerHook (grad clip), or Fp16OptimizerHook when fp16 is configured and a GPU exists."""
+    opt_cfg = dict(cfg.get("optimizer_config") or {})
+    fp16 = cfg.get("fp16")
+    if fp16 is not None and not torch.cuda.is_available():
+        logger.info("fp16 is configured but needs CUDA: training in FP32 on the CPU")
+        fp16 = None
+    if fp16 is not None:
+        return Fp16OptimizerHook(**opt_cfg, **fp16, distributed=True)
+    return OptimizerHook(**opt_cfg)
+
+
+def _configure_wandb(cfg: Config, run_dir: Path) -> None:
+    """wandb logs offline into the run directory unless the user chose otherwise (WANDB_MODE or init_kwargs)."""
+    if any(h.get("type") == "WandbLoggerHook" for h in cfg.log_config.hooks):
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def train(config_path: str, opts: list[str], run_dir: str | None = None) -> Path:
+    """Run BEVFusion-style distributed training for a config; returns the run directory."""
+    cfg, sources = prepare_config(config_path, opts)
+    init_distributed()
+    out = _shared_run_dir(config_path, run_dir)
+    cfg.run_dir = str(out)
+    timestamp = time.strftime("%Y%m%d_%H%M%S")
+    logger = get_logger(LOGGER_NAME, log_file=str(out / f"{timestamp}.log"))
+    if tp_dist.rank() == 0:
+        cfg.dump(str(out / "configs.yaml"))
+    logger.info("config %s, world size %d, run dir %s", config_path, tp_dist.size(), out)
+    _seed_everything(cfg.get("seed"))
+
+    train_set = build_dataset(cfg.data.train, "data.train", sources)
+    model = build_model(cfg, sources)
+    device = torch.device("cuda", tp_dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    ddp = DistributedDataParallel(
+        model.to(device),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.get("find_unused_parameters", False),
+    )
+    runner = CompressionEpochBasedRunner(
+        model=ddp,
+        optimizer=build_optimizer(ddp, cfg.optimizer),
+        work_dir=str(out),
+        logger=logger,
+        meta={},
+        max_epochs=cfg.runner.max_epochs,
+    )
+    runner.timestamp = timestamp
+    runner.set_dataset([train_set])
+    _configure_wandb(cfg, out)
+    runner.register_training_hooks(
+        cfg.get("lr_config"),
+        _optimizer_hook(cfg, logger),
+        cfg.checkpoint_config,
+        cfg.log_config,
+        cfg.get("momentum_config"),
+        custom_hooks_config=cfg.get("custom_hooks"),
+    )
+    runner.register_hook(DistSamplerSeedHook())
+    runner.register_hook(RankConsistencyHook(), priority="ABOVE_NORMAL")
+    _register_eval(runner, cfg, sources)
+
+    if cfg.get("resume_from"):
+        runner.resume(cfg.resume_from, map_location="cpu")
+    elif cfg.get("load_from"):
+        runner.load_checkpoint(cfg.load_from)
+    loader = build_dataloader(train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, True, cfg.get("seed"))
+    runner.run([loader], [("train", 1)])
+    return out
+
+
+def _register_eval(runner: CompressionEpochBasedRunner, cfg: Config, sources: ConfigSources) -> None:
+    """Distributed evaluation on the val split after epochs (and before training with `evaluation.start: 0`)."""
+    eval_cfg = dict(cfg.get("evaluation") or {})
+    if eval_cfg.pop("enabled", True) is False:
+        return
+    val_set = build_dataset(cfg.data.val, "data.val", sources)
+    loader = build_dataloader(
+        val_set,
+        cfg.data.get("val_samples_per_gpu", cfg.data.samples_per_gpu),
+        cfg.data.workers_per_gpu,
+        False,
+        cfg.get("seed"),
+    )
+    eval_cfg.setdefault("tmpdir", os.path.join(runner.work_dir, ".eval_hook"))
+    runner.register_hook(MetricsEvalHook(loader, **eval_cfg), priority="LOW")

@@ -1,0 +1,42 @@
+"""Run the project's CLIs the way users do, from the repository root with the venv on PATH."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/synthetic/multitask/tiny.yaml"
+# Small and deterministic: no stochastic depth / dropout, so an interrupted + resumed run can equal a straight one.
+FAST = [
+    "--data.train.num_samples",
+    "16",
+    "--data.val.num_samples",
+    "8",
+    "--data.samples_per_gpu",
+    "4",
+    "--log_config.interval",
+    "1",
+    "--model.encoders.camera.backbone.drop_path_rate",
+    "0.0",
+    "--model.heads.object.dropout",
+    "0.0",
+]
+
+
+def tool_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.setdefault("WANDB_MODE", "offline")
+    return env
+
+
+def run_tool(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with the venv on PATH; output captured as text."""
+    return subprocess.run(args, cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_cmd(run_dir: Path, *opts: str, np: int = 0) -> list[str]:
+    """tools/train_compressed.py on the tiny config, under `torchpack dist-run -np N` when np > 0."""
+    cmd = [sys.executable, "tools/train_compressed.py", TINY, "--run-dir", str(run_dir), *FAST, *opts]
+    return ["torchpack", "dist-run", "-np", str(np), *cmd] if np else cmd

@@ -1,0 +1,28 @@
+"""Drop-in for BEVFusion's tools/train.py.
+
+torchpack dist-run -np N python tools/train_compressed.py CONFIG [--run-dir DIR] [--a.b value ...]
+"""
+
+import argparse
+import sys
+
+from bevfusion_ext.compression import CheckpointError
+from bevfusion_ext.runner import ConfigError, RankMismatchError, train
+
+
+def main() -> int:
+    """Parse BEVFusion's CLI (config, --run-dir, free-form `--key value` overrides) and train."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", metavar="FILE", help="YAML config under configs/ (default.yaml parents are applied)")
+    parser.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/<config>-<time>)")
+    args, opts = parser.parse_known_args()
+    try:
+        train(args.config, opts, args.run_dir)
+    except (ConfigError, CheckpointError, RankMismatchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The `compression:` section of a config: parsed and validated up front, with errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IMPORTANCES = ("magnitude", "bn_scale", "taylor")
+SHAPES = ("linear", "cubic")
+MAX_RATIO = 0.9
+
+
+class RecipeError(ValueError):
+    """A recipe value is missing, malformed or out of range; `key` is its dotted path in the config."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"recipe key '{key}': {problem}. {fix}")
+        self.key, self.problem, self.fix = key, problem, fix
+
+
+@dataclass(frozen=True)
+class PruningSchedule:
+    """When pruning events happen (epochs, or iterations when given) and how the removed fraction grows."""
+
+    start_epoch: int = 0
+    end_epoch: int = 1
+    start_iter: int | None = None
+    end_iter: int | None = None
+    num_events: int = 1
+    shape: str = "cubic"
+
+    def event_iters(self, iters_per_epoch: int) -> list[int]:
+        """The training iteration before which each event runs, evenly spread over [start, end)."""
+        start = self.start_iter if self.start_iter is not None else self.start_epoch * iters_per_epoch
+        end = self.end_iter if self.end_iter is not None else self.end_epoch * iters_per_epoch
+        return [start + (end - start) * k // self.num_events for k in range(self.num_events)]
+
+    def fraction_after(self, events_done: int) -> float:
+        """Fraction of the final pruning reached after `events_done` events (cubic: most of it early, Zhu & Gupta)."""
+        t = min(events_done, self.num_events) / self.num_events
+        return t if self.shape == "linear" else 1.0 - (1.0 - t) ** 3
+
+
+@dataclass(frozen=True)
+class PruningRecipe:
+    """What to prune, how much, how to rank channels and when."""
+
+    groups: dict[str, float]
+    schedule: PruningSchedule
+    importance: str = "magnitude"
+    round_to: int = 8
+    protected: tuple[str, ...] = ()
+    params_reduction: float | None = None
+    flops_reduction: float | None = None
+
+    def cumulative_ratios(self, events_done: int, scale: float) -> dict[str, float]:
+        """Per-group fraction of the starting channels removed once `events_done` events have run."""
+        f = self.schedule.fraction_after(events_done)
+        return {g: min(MAX_RATIO, scale * r) * f for g, r in self.groups.items()}
+
+    def step_ratios(self, events_done: int, scale: float) -> dict[str, float]:
+        """Per-group fraction of the CURRENT channels the next event removes, so events compose to the plan."""
+        before, after = self.cumulative_ratios(events_done, scale), self.cumulative_ratios(events_done + 1, scale)
+        return {g: 1.0 - (1.0 - after[g]) / (1.0 - before[g]) for g in self.groups}
+
+
+@dataclass(frozen=True)
+class CompressionRecipe:
+    """The whole `compression:` section (pruning now; quantization joins it)."""
+
+    pruning: PruningRecipe | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _expect(value: Any, types: type | tuple[type, ...], key: str) -> Any:
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types)
+        raise RecipeError(key, f"is {value!r} ({type(value).__name__}), expected {names}", "Fix its value.")
+    return value
+
+
+def _unknown_keys(section: dict, allowed: tuple[str, ...], key: str) -> None:
+    extra = sorted(set(section) - set(allowed))
+    if extra:
+        raise RecipeError(f"{key}.{extra[0]}", "is not a known key", f"Known keys: {', '.join(allowed)}.")
+
+
+def _fraction(value: Any, key: str, upper: float) -> float:
+    value = float(_expect(value, (int, float), key))
+    if not 0.0 <= value < upper:
+        raise RecipeError(key, f"is {value}, must be in [0, {upper})", "Use a fraction such as 0.25.")
+    return value
+
+
+def _parse_schedule(section: dict, key: str) -> PruningSchedule:
+    allowed = ("start_epoch", "end_epoch", "start_iter", "end_iter", "num_events", "shape")
+    _unknown_keys(section, allowed, key)
+    values = {k: _expect(v, int, f"{key}.{k}") for k, v in section.items() if k != "shape"}
+    shape = _expect(section.get("shape", "cubic"), str, f"{key}.shape")
+    if shape not in SHAPES:
+        raise RecipeError(f"{key}.shape", f"is '{shape}'", f"Use one of: {', '.join(SHAPES)}.")
+    schedule = PruningSchedule(shape=shape, **values)
+    if schedule.num_events < 1:
+        raise RecipeError(f"{key}.num_events", f"is {schedule.num_events}, must be at least 1", "Fix its value.")
+    by_iter = schedule.start_iter is not None or schedule.end_iter is not None
+    start, end, unit = (
+        (schedule.start_iter or 0, schedule.end_iter, "iter")
+        if by_iter
+        else (schedule.start_epoch, schedule.end_epoch, "epoch")
+    )
+    if end is None or start < 0 or end <= start:
+        raise RecipeError(
+            f"{key}.end_{unit}",
+            f"start {start} / end {end} is not a range with end > start >= 0",
+            f"Set start_{unit} and end_{unit} with end_{unit} > start_{unit}.",
+        )
+    return schedule
+
+
+def parse_pruning(section: dict, key: str = "compression.pruning") -> PruningRecipe:
+    """Validate a `compression.pruning` mapping into a PruningRecipe."""
+    _expect(section, dict, key)
+    allowed = ("groups", "schedule", "importance", "round_to", "protected", "target")
+    _unknown_keys(section, allowed, key)
+    groups = _expect(section.get("groups"), dict, f"{key}.groups")
+    if not groups:
+        raise RecipeError(f"{key}.groups", "is empty", "Map module path prefixes to fractions, e.g. 'decoder: 0.2'.")
+    ratios = {str(g): _fraction(r, f"{key}.groups.{g}", MAX_RATIO) for g, r in groups.items()}
+    importance = _expect(section.get("importance", "magnitude"), str, f"{key}.importance")
+    if importance not in IMPORTANCES:
+        raise RecipeError(f"{key}.importance", f"is '{importance}'", f"Use one of: {', '.join(IMPORTANCES)}.")
+    round_to = _expect(section.get("round_to", 8), int, f"{key}.round_to")
+    if round_to < 1:
+        raise RecipeError(f"{key}.round_to", f"is {round_to}, must be at least 1", "Use e.g. 8 (INT8 on TensorRT).")
+    protected = _expect(section.get("protected", []), list, f"{key}.protected")
+    for i, pattern in enumerate(protected):
+        _expect(pattern, str, f"{key}.protected[{i}]")
+    target = _expect(section.get("target", {}) or {}, dict, f"{key}.target")
+    _unknown_keys(target, ("params_reduction", "flops_reduction"), f"{key}.target")
+    if len(target) > 1:
+        raise RecipeError(
+            f"{key}.target",
+            "sets both params_reduction and flops_reduction",
+            "One common scale is searched for: give one target and read the other in the report.",
+        )
+    reductions = {k: _fraction(v, f"{key}.target.{k}", 0.95) for k, v in target.items()}
+    schedule = _parse_schedule(_expect(section.get("schedule", {}), dict, f"{key}.schedule"), f"{key}.schedule")
+    return PruningRecipe(
+        groups=ratios,
+        schedule=schedule,
+        importance=importance,
+        round_to=round_to,
+        protected=tuple(protected),
+        **reductions,
+    )
+
+
+def check_groups(recipe: PruningRecipe, module_names: list[str], key: str = "compression.pruning") -> None:
+    """Every group prefix and protected pattern must name a module of the model, or the recipe is a typo."""
+    for group in recipe.groups:
+        if not any(n == group or n.startswith(group + ".") for n in module_names):
+            raise RecipeError(
+                f"{key}.groups.{group}",
+                "matches no module of the model",
+                "Use a module path prefix such as encoders.camera.backbone, decoder or heads.",
+            )
+
+
+def parse_recipe(compression: dict | None, key: str = "compression") -> CompressionRecipe:
+    """Validate the whole `compression:` section (absent or empty = no compression)."""
+    if not compression:
+        return CompressionRecipe()
+    _expect(compression, dict, key)
+    _unknown_keys(compression, ("pruning", "quantization"), key)
+    pruning = parse_pruning(compression["pruning"], f"{key}.pruning") if compression.get("pruning") else None
+    return CompressionRecipe(pruning=pruning, raw=dict(compression))

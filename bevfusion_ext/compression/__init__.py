@@ -8,7 +8,7 @@ from .checkpoint import (
     read_checkpoint,
     state_dict_mismatches,
 )
-from .digest import combine_digests, first_difference, layer_digests, model_digest
+from .digest import combine_digests, first_difference, gradient_digests, layer_digests, model_digest
 
 __all__ = [
     "CheckpointError",
@@ -16,6 +16,7 @@ __all__ = [
     "atomic_symlink",
     "combine_digests",
     "first_difference",
+    "gradient_digests",
     "layer_digests",
     "load_state_dict_strict",
     "model_digest",

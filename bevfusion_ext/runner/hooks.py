@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os.path as osp
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -58,9 +59,9 @@ def broadcast_bn_stats(model: Any) -> None:
                 dist.broadcast(buf, 0)
 
 
-def check_ranks_agree(model: Any, where: str) -> list[str]:
-    """Gather per-layer digests from every rank; raise naming the rank and first differing layer if any differ."""
-    mine = layer_digests(model)
+def check_ranks_agree(model: Any, where: str, digests: Callable[[Any], dict[str, str]] = layer_digests) -> list[str]:
+    """Gather per-tensor digests from every rank; raise naming the rank and first differing tensor if any differ."""
+    mine = digests(model)
     world = dist.get_world_size() if dist.is_initialized() else 1
     gathered: list[dict[str, str]] = [mine] * world
     if world > 1:

@@ -10,11 +10,11 @@ PINS_HASH="$(sha256sum "$ROOT/scripts/setup.sh" "$ROOT/setup.py" | sha256sum | c
 
 log() { printf '[setup] %s\n' "$*"; }
 
-if ! command -v mpirun >/dev/null 2>&1; then
-  log "installing Open MPI (Debian openmpi-bin, libopenmpi-dev)"
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v shellcheck >/dev/null 2>&1; then
+  log "installing Open MPI (torchpack dist-run) and shellcheck (checks the generated Orin build scripts)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev shellcheck >/dev/null
 fi
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$PINS_HASH" ]; then

@@ -1,0 +1,112 @@
+"""Build Torch-Pruning's DependencyGraph for a whole BEVFusion-style model.
+
+- Traces the training losses by default (``model(return_loss=True, **batch)``): every layer that gets a gradient is
+  reached, including branches the inference path detaches or runs under ``no_grad``.
+- Our block pruners go in through ``customized_pruners``; frozen Parameters (LSS ``frustum/dx/bx/nx``) through
+  ``ignored_params``.
+- Concat widths are taken from the traced tensors: Torch-Pruning infers them recursively, and through the LSS
+  depth x context outer product it finds D + C instead of C, which merges the camera and lidar inputs of the
+  fuser into one group (IndexError on the depthnet). ``_ConcatOp.concat_sizes`` is the field Torch-Pruning
+  itself falls back to, so setting it keeps its own index mapping.
+- mmdet's ``with_cp`` flags are off while tracing: reentrant ``torch.utils.checkpoint`` hides a block's layers.
+- Trainable layers the trace misses raise ValueError: their input channels could not follow a pruned producer.
+"""
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .counting import ForwardFn, call_model, preserved_modes
+from .pruners import block_pruners
+
+TRACED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+CONCATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def tensors(obj: Any) -> list[Tensor]:
+    """Tensors found in nested dicts / lists / tuples."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for value in values for t in tensors(value)]
+
+
+def _graph_outputs(out: Any) -> list[Tensor]:
+    """Outputs that carry an autograd graph: the ends Torch-Pruning traces back from."""
+    return [t for t in tensors(out) if t.grad_fn is not None]
+
+
+def training_forward(model: nn.Module, inputs: Any) -> Any:
+    """Default tracing forward: the training losses, whose graph reaches every layer that gets a gradient."""
+    return call_model(model, inputs, return_loss=True)
+
+
+class _ConcatWidths(TorchFunctionMode):
+    """Records the input widths of every traced torch.cat whose inputs all carry a graph, by output grad_fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: dict[Any, list[int]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in CONCATS and isinstance(out, Tensor) and out.grad_fn is not None:
+            inputs = args[0] if args else kwargs["tensors"]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if all(t.grad_fn is not None for t in inputs):
+                self.widths[out.grad_fn] = [t.shape[dim] for t in inputs]
+        return out
+
+
+@contextmanager
+def _without_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Turn mmdet-style ``with_cp`` activation checkpointing off, then back on."""
+    flagged = [m for m in model.modules() if getattr(m, "with_cp", None) is True]
+    for module in flagged:
+        module.with_cp = False
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.with_cp = True
+
+
+def _set_concat_widths(graph: tp.DependencyGraph, widths: Mapping[Any, list[int]]) -> None:
+    """Give every traced concat node its real input widths."""
+    for node in graph.module2node.values():
+        found = widths.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
+        if found is not None and len(found) == len(node.inputs):
+            node.module.concat_sizes = list(found)
+
+
+def build_graph(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None) -> tp.DependencyGraph:
+    """Trace model (in eval mode, modes restored) into a DependencyGraph that knows our blocks."""
+    pruners = block_pruners(model)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    recorder = _ConcatWidths()
+
+    def forward(module: nn.Module, inputs: Any) -> Any:
+        with recorder, _without_checkpointing(module):
+            return (forward_fn or training_forward)(module, inputs)
+
+    with preserved_modes(model), torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs, forward_fn=forward, output_transform=_graph_outputs,
+            customized_pruners=pruners, ignored_params=frozen, verbose=False,
+        )
+    _set_concat_widths(graph, recorder.widths)
+    inside = {id(m) for m in graph.IGNORED_LAYERS_IN_TRACING}
+    missed = [name for name, m in model.named_modules()
+              if (isinstance(m, TRACED_LAYERS) or type(m) in pruners) and m not in graph.module2node
+              and id(m) not in inside and any(p.requires_grad for p in m.parameters())]
+    if missed:
+        raise ValueError(f"{len(missed)} trainable layers are not reached by the tracing forward, so their input "
+                         f"channels could not follow a pruned producer: {missed[:8]}. Pass a forward_fn whose "
+                         "outputs depend on every trainable layer (the default traces the training losses).")
+    return graph

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from bevfusion_ext.compression import CheckpointError
+from bevfusion_ext.compression.state import CompressionStateError
 from bevfusion_ext.runner import ConfigError, RankMismatchError, train
 
 
@@ -15,10 +16,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("config", metavar="FILE", help="YAML config under configs/ (default.yaml parents are applied)")
     parser.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/<config>-<time>)")
+    parser.add_argument(
+        "--recipe",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="compression recipe YAML merged over the config (repeatable), e.g. configs/compression/...",
+    )
     args, opts = parser.parse_known_args()
     try:
-        train(args.config, opts, args.run_dir)
-    except (ConfigError, CheckpointError, RankMismatchError) as err:
+        train(args.config, opts, args.run_dir, args.recipe)
+    except (ConfigError, CheckpointError, CompressionStateError, RankMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-IMPORTANCES = ("magnitude", "bn_scale", "taylor")
+from .pruning.spec import IMPORTANCES, MAX_RATIO
+
 SHAPES = ("linear", "cubic")
-MAX_RATIO = 0.9
 
 
 class RecipeError(ValueError):

@@ -83,3 +83,9 @@ def build_dataloader(
         pin_memory=False,
         persistent_workers=workers_per_gpu > 0,
     )
+
+
+def example_batch(dataset: Dataset, n: int) -> dict:
+    """The first `n` samples collated: identical on every rank, used to trace the model for pruning."""
+    collate_fn = getattr(dataset, "collate", mmcv_collate)
+    return collate_fn([dataset[i] for i in range(n)])

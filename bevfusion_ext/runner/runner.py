@@ -32,11 +32,17 @@ class CompressionEpochBasedRunner(EpochBasedRunner):
         """The model inside the DDP wrapper."""
         return getattr(self.model, "module", self.model)
 
+    def preload(self, filename: str, checkpoint: dict | None) -> None:
+        """Hand over a checkpoint already read (to restore its architecture) so it is not read from disk twice."""
+        self._preloaded = (filename, checkpoint)
+
     def load_checkpoint(
         self, filename: str, map_location: Any = "cpu", strict: bool = True, revise_keys: Any = None
     ) -> dict:
         """Load weights strictly; shape or key mismatches are errors that name the parameters (upstream only warns)."""
-        ckpt = read_checkpoint(filename)
+        name, preloaded = getattr(self, "_preloaded", (None, None))
+        self._preloaded = (None, None)
+        ckpt = preloaded if name == filename and preloaded is not None else read_checkpoint(filename)
         state = ckpt.get("state_dict", ckpt)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         load_state_dict_strict(self.bare_model, state, filename)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import socket
@@ -17,10 +18,14 @@ from mmcv.runner import DistSamplerSeedHook, Fp16OptimizerHook, OptimizerHook, b
 from mmcv.utils import get_logger
 from torchpack import distributed as tp_dist
 
-from .builder import build_dataloader, build_dataset, build_model, check_registered
+from ..compression import read_checkpoint
+from ..compression.recipe import CompressionRecipe, PruningRecipe, RecipeError, check_groups, parse_recipe
+from ..compression.state import empty_state, restore_architecture
+from .builder import build_dataloader, build_dataset, build_model, check_registered, example_batch
 from .config import ConfigError, ConfigSources, load_config, validate_config
 from .hooks import MetricsEvalHook, RankConsistencyHook
 from .parallel import DistributedDataParallel
+from .pruning import ProgressivePruningHook
 from .runner import CompressionEpochBasedRunner
 
 LOGGER_NAME = "bevfusion_ext"
@@ -60,12 +65,21 @@ def _shared_run_dir(config_path: str, run_dir: str | None) -> Path:
     return path
 
 
-def prepare_config(config_path: str, opts: list[str]) -> tuple[Config, ConfigSources]:
-    """Load, evaluate and validate a config so every error surfaces before a process group or model exists."""
-    cfg, sources = load_config(config_path, opts)
+def prepare_config(config_path: str, opts: list[str], recipes: list[str] = ()) -> tuple[Config, ConfigSources]:
+    """Load (config tree, then recipe files, then overrides), evaluate and validate before any process group exists."""
+    cfg, sources = load_config(config_path, opts, extra_files=list(recipes))
     validate_config(cfg, sources)
     check_registered(cfg, sources)
+    compression_recipe(cfg, sources)
     return cfg, sources
+
+
+def compression_recipe(cfg: Config, sources: ConfigSources) -> CompressionRecipe:
+    """The validated `compression:` section, with recipe errors reported against the file that set the key."""
+    try:
+        return parse_recipe(cfg.get("compression"))
+    except RecipeError as err:
+        raise sources.error(err.key, err.problem, err.fix) from None
 
 
 def _seed_everything(seed: int | None) -> None:
@@ -96,9 +110,20 @@ def _configure_wandb(cfg: Config, run_dir: Path) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def train(config_path: str, opts: list[str], run_dir: str | None = None) -> Path:
-    """Run BEVFusion-style distributed training for a config; returns the run directory."""
-    cfg, sources = prepare_config(config_path, opts)
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, list):
+        return [_to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def train(config_path: str, opts: list[str], run_dir: str | None = None, recipes: list[str] = ()) -> Path:
+    """Run BEVFusion-style distributed training (with the config's compression recipe); returns the run directory."""
+    cfg, sources = prepare_config(config_path, opts, recipes)
+    recipe = compression_recipe(cfg, sources)
     init_distributed()
     out = _shared_run_dir(config_path, run_dir)
     cfg.run_dir = str(out)
@@ -109,21 +134,32 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None) -> Path
     logger.info("config %s, world size %d, run dir %s", config_path, tp_dist.size(), out)
     _seed_everything(cfg.get("seed"))
 
-    train_set = build_dataset(cfg.data.train, "data.train", sources)
-    model = build_model(cfg, sources)
     device = torch.device("cuda", tp_dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    ddp = DistributedDataParallel(
-        model.to(device),
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
-        find_unused_parameters=cfg.get("find_unused_parameters", False),
-    )
+    train_set = build_dataset(cfg.data.train, "data.train", sources)
+    example = _to_device(example_batch(train_set, min(2, len(train_set))), device)
+    model = build_model(cfg, sources).to(device)
+    checkpoint, state = _restore_compressed_architecture(cfg, model, example)
+    if recipe.pruning is not None:
+        _check_groups(recipe.pruning, model, sources)
+
+    def rewrap(bare: torch.nn.Module) -> DistributedDataParallel:
+        return DistributedDataParallel(
+            bare,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=cfg.get("find_unused_parameters", False),
+        )
+
+    def new_optimizer(ddp: DistributedDataParallel) -> torch.optim.Optimizer:
+        return build_optimizer(ddp, cfg.optimizer)
+
+    ddp = rewrap(model)
     runner = CompressionEpochBasedRunner(
         model=ddp,
-        optimizer=build_optimizer(ddp, cfg.optimizer),
+        optimizer=new_optimizer(ddp),
         work_dir=str(out),
         logger=logger,
-        meta={},
+        meta={"compression": state},
         max_epochs=cfg.runner.max_epochs,
     )
     runner.timestamp = timestamp
@@ -140,14 +176,39 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None) -> Path
     runner.register_hook(DistSamplerSeedHook())
     runner.register_hook(RankConsistencyHook(), priority="ABOVE_NORMAL")
     _register_eval(runner, cfg, sources)
+    if recipe.pruning is not None:
+        # NORMAL: after the LR hook sets this iteration's LR, and (after_train_iter) after the optimizer hook's backward
+        runner.register_hook(ProgressivePruningHook(recipe.pruning, example, rewrap, new_optimizer), priority="NORMAL")
 
     if cfg.get("resume_from"):
+        runner.preload(cfg.resume_from, checkpoint)
         runner.resume(cfg.resume_from, map_location="cpu")
     elif cfg.get("load_from"):
+        runner.preload(cfg.load_from, checkpoint)
         runner.load_checkpoint(cfg.load_from)
     loader = build_dataloader(train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, True, cfg.get("seed"))
     runner.run([loader], [("train", 1)])
     return out
+
+
+def _restore_compressed_architecture(cfg: Config, model: torch.nn.Module, example: dict) -> tuple[dict | None, dict]:
+    """Rebuild the compressed architecture recorded in the checkpoint to load, before DDP, optimizer and weights."""
+    path = cfg.get("resume_from") or cfg.get("load_from")
+    if not path:
+        return None, empty_state()
+    checkpoint = read_checkpoint(path)
+    state = copy.deepcopy(checkpoint.get("meta", {}).get("compression")) or empty_state()
+    restore_architecture(model, state, example, path)
+    if not cfg.get("resume_from"):
+        state.pop("schedule", None)  # a new run starts its own recipe schedule from the loaded model
+    return checkpoint, state
+
+
+def _check_groups(recipe: PruningRecipe, model: torch.nn.Module, sources: ConfigSources) -> None:
+    try:
+        check_groups(recipe, [n for n, _ in model.named_modules()])
+    except RecipeError as err:
+        raise sources.error(err.key, err.problem, err.fix) from None
 
 
 def _register_eval(runner: CompressionEpochBasedRunner, cfg: Config, sources: ConfigSources) -> None:

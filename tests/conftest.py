@@ -13,3 +13,14 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
     run_dir = tmp_path_factory.mktemp("two_rank") / "run"
     proc = run_tool(train_cmd(run_dir, "--max_epochs", "2", np=2))
     return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained single-process long enough (96 iterations) that its metrics respond to compression."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    opts = ["--max_epochs", "6", "--data.train.num_samples", "32", "--data.samples_per_gpu", "2",
+            "--data.val.split", "train", "--evaluation.interval", "6", "--lr_config.warmup_iters", "10"]
+    proc = run_tool(train_cmd(run_dir, *opts))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

@@ -9,6 +9,8 @@ import sys
 from bevfusion_ext.compression import CheckpointError
 from bevfusion_ext.compression.state import CompressionStateError
 from bevfusion_ext.runner import ConfigError, RankMismatchError, train
+from bevfusion_ext.runner.hooks import NonFiniteError
+from bevfusion_ext.runner.quantization import NonFiniteAmaxError
 
 
 def main() -> int:
@@ -26,7 +28,8 @@ def main() -> int:
     args, opts = parser.parse_known_args()
     try:
         train(args.config, opts, args.run_dir, args.recipe)
-    except (ConfigError, CheckpointError, CompressionStateError, RankMismatchError) as err:
+    except (ConfigError, CheckpointError, CompressionStateError, RankMismatchError, NonFiniteError,
+            NonFiniteAmaxError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -34,7 +34,7 @@ def transfer_state(
     shapes = dict(new_model.named_parameters())
     state = {}
     for j, name in enumerate(param_names(new, new_model)):
-        entry = old_sd["state"].get(index_of[name])
+        entry = old_sd["state"].get(index_of.get(name, -1))  # a new parameter (e.g. a folded conv bias) starts fresh
         if entry is not None:
             state[j] = {k: _slice(v, kept.get(name), shapes[name].shape) for k, v in entry.items()}
     if len(old_sd["param_groups"]) != len(new_sd["param_groups"]):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .pruning.spec import IMPORTANCES, MAX_RATIO
+from .quantization.spec import QuantSpec
 
 SHAPES = ("linear", "cubic")
 
@@ -65,10 +66,24 @@ class PruningRecipe:
 
 
 @dataclass(frozen=True)
+class QuantizationRecipe:
+    """What to quantize (a QuantSpec), when to calibrate, how many sensitive layers stay FP16, and QAT controls."""
+
+    spec: QuantSpec
+    calibration_epoch: int = 0
+    calibration_batches: int = 8
+    keep_fp16: int = 0
+    sensitivity_batches: int = 2
+    freeze_bn_epoch: int | None = None
+    freeze_quantizers_epoch: int | None = None
+
+
+@dataclass(frozen=True)
 class CompressionRecipe:
-    """The whole `compression:` section (pruning now; quantization joins it)."""
+    """The whole `compression:` section: pruning first, then quantization (quantize -> prune does not work)."""
 
     pruning: PruningRecipe | None = None
+    quantization: QuantizationRecipe | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -167,6 +182,44 @@ def check_groups(recipe: PruningRecipe, module_names: list[str], key: str = "com
             )
 
 
+_QAT_KEYS = {"calibration": ("epoch", "num_batches"), "sensitivity": ("keep_fp16", "num_batches"),
+             "qat": ("freeze_bn_epoch", "freeze_quantizers_epoch")}
+
+
+def _count(section: dict, name: str, key: str, default: int | None, minimum: int) -> int | None:
+    value = section.get(name, default)
+    if value is None:
+        return None
+    if _expect(value, int, f"{key}.{name}") < minimum:
+        raise RecipeError(f"{key}.{name}", f"is {value}, must be at least {minimum}", "Fix its value.")
+    return value
+
+
+def parse_quantization(section: dict, key: str = "compression.quantization") -> QuantizationRecipe:
+    """Validate a `compression.quantization` mapping: QuantSpec fields plus calibration / sensitivity / qat phases."""
+    _expect(section, dict, key)
+    spec_keys = tuple(f.name for f in fields(QuantSpec))
+    _unknown_keys(section, spec_keys + tuple(_QAT_KEYS), key)
+    phases = {}
+    for phase, allowed in _QAT_KEYS.items():
+        phases[phase] = _expect(section.get(phase, {}) or {}, dict, f"{key}.{phase}")
+        _unknown_keys(phases[phase], allowed, f"{key}.{phase}")
+    try:
+        spec = QuantSpec(**{k: v for k, v in section.items() if k in spec_keys})
+    except (ValueError, TypeError) as err:
+        raise RecipeError(key, str(err), "See docs/quantization.md for the allowed values.") from None
+    cal, sens, qat = (phases[p] for p in _QAT_KEYS)
+    return QuantizationRecipe(
+        spec=spec,
+        calibration_epoch=_count(cal, "epoch", f"{key}.calibration", 0, 0),
+        calibration_batches=_count(cal, "num_batches", f"{key}.calibration", 8, 1),
+        keep_fp16=_count(sens, "keep_fp16", f"{key}.sensitivity", 0, 0),
+        sensitivity_batches=_count(sens, "num_batches", f"{key}.sensitivity", 2, 1),
+        freeze_bn_epoch=_count(qat, "freeze_bn_epoch", f"{key}.qat", None, 0),
+        freeze_quantizers_epoch=_count(qat, "freeze_quantizers_epoch", f"{key}.qat", None, 0),
+    )
+
+
 def parse_recipe(compression: dict | None, key: str = "compression") -> CompressionRecipe:
     """Validate the whole `compression:` section (absent or empty = no compression)."""
     if not compression:
@@ -174,4 +227,12 @@ def parse_recipe(compression: dict | None, key: str = "compression") -> Compress
     _expect(compression, dict, key)
     _unknown_keys(compression, ("pruning", "quantization"), key)
     pruning = parse_pruning(compression["pruning"], f"{key}.pruning") if compression.get("pruning") else None
-    return CompressionRecipe(pruning=pruning, raw=dict(compression))
+    quant = compression.get("quantization")
+    quantization = parse_quantization(quant, f"{key}.quantization") if quant else None
+    if pruning and quantization:
+        end = pruning.schedule.end_epoch if pruning.schedule.end_iter is None else None
+        if end is not None and quantization.calibration_epoch < end:
+            raise RecipeError(f"{key}.quantization.calibration.epoch",
+                              f"is {quantization.calibration_epoch}, before pruning ends (epoch {end})",
+                              "Quantize after the last pruning event: quantize -> prune does not work.")
+    return CompressionRecipe(pruning=pruning, quantization=quantization, raw=dict(compression))

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from .pruning import apply_pruning
+from .quantization import restore_quantizers
 
 STATE_VERSION = 1
 
@@ -36,7 +37,7 @@ def record_pruning(state: dict[str, Any], history: list, event: dict[str, Any]) 
 
 
 def restore_architecture(model: nn.Module, state: dict[str, Any] | None, example_inputs: Any, source: str) -> None:
-    """Replay every recorded pruning history on a freshly built dense model, in order."""
+    """Replay every recorded pruning history on a freshly built dense model, in order, then rebuild its quantizers."""
     if not state:
         return
     if state.get("version") != STATE_VERSION:
@@ -52,3 +53,16 @@ def restore_architecture(model: nn.Module, state: dict[str, Any] | None, example
                 f"{source}: pruning event {i + 1} recorded in the checkpoint does not apply to the model built from "
                 f"the config ({type(err).__name__}: {err}). Use the config the checkpoint was trained with."
             ) from None
+    if state.get("quantization"):
+        try:
+            restore_quantizers(model, state["quantization"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise CompressionStateError(
+                f"{source}: the quantizers recorded in the checkpoint do not fit the model built from the config "
+                f"({type(err).__name__}: {err}). Use the config the checkpoint was trained with."
+            ) from None
+
+
+def is_quantized(state: dict[str, Any] | None) -> bool:
+    """Whether a compression state carries quantizers (calibration already happened)."""
+    return bool((state or {}).get("quantization"))

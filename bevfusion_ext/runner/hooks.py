@@ -7,11 +7,12 @@ import os.path as osp
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from mmcv.runner import HOOKS, DistEvalHook, Hook
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..compression import combine_digests, first_difference, layer_digests
+from ..compression import combine_digests, first_difference, gradient_digests, layer_digests
 from .report import HEADLINE
 
 
@@ -93,4 +94,56 @@ class RankConsistencyHook(Hook):
             )
 
 
-__all__ = ["MetricsEvalHook", "RankConsistencyHook", "RankMismatchError", "check_ranks_agree"]
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the run stops before the next checkpoint is written."""
+
+
+def first_non_finite(model: Any) -> str | None:
+    """Name of the first parameter whose value or gradient is not finite."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all() or (p.grad is not None and not torch.isfinite(p.grad).all()):
+            return name
+    return None
+
+
+@HOOKS.register_module()
+class NonFiniteGuardHook(Hook):
+    """After each step, stop every rank together if any rank saw a non-finite loss, gradient or updated weight,
+    naming the layer, before the next forward (or checkpoint) uses it."""
+
+    def after_train_iter(self, runner: Any) -> None:
+        """Check the loss and the gradient and weight norms; all ranks agree before anyone raises (no hang)."""
+        model = getattr(runner.model, "module", runner.model)
+        tensors = [p.grad for p in model.parameters() if p.grad is not None] + list(model.parameters())
+        norms = torch._foreach_norm([t.detach() for t in tensors if t.is_floating_point()])
+        finite = bool(torch.isfinite(runner.outputs["loss"]).all()) and all(bool(torch.isfinite(n)) for n in norms)
+        flag = torch.tensor([0.0 if finite else 1.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            layer = first_non_finite(model)
+            raise NonFiniteError(
+                f"non-finite loss, gradient or weight at epoch {runner.epoch + 1} iter {runner.iter + 1}"
+                + (f": first non-finite tensor in '{layer}'" if layer else " on another rank")
+                + ". The last checkpoint is intact: resume from it with a lower LR, or exclude that layer from"
+                " quantization."
+            )
+
+
+@HOOKS.register_module()
+class GradientSyncHook(Hook):
+    """On the first step after the model was rebuilt (pruning, quantization), prove DDP still all-reduces gradients:
+    every rank must hold the same gradients, recorded in `<run_dir>/grad_sync.jsonl`."""
+
+    def after_train_iter(self, runner: Any) -> None:
+        """Compare gradient digests across ranks once after each rebuild."""
+        if not getattr(runner, "gradient_check_pending", False):
+            return
+        runner.gradient_check_pending = False
+        digests = check_ranks_agree(getattr(runner.model, "module", runner.model), "gradients after a model rebuild",
+                                    gradient_digests)
+        if runner.rank == 0:
+            append_jsonl(osp.join(runner.work_dir, "grad_sync.jsonl"),
+                         {"epoch": runner.epoch, "iter": runner.iter, "grad_digest_per_rank": digests})

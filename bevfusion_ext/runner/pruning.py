@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import gc
 import os.path as osp
 import time
 from collections.abc import Callable
 from typing import Any
 
-import torch.distributed as dist
 from mmcv.runner import Hook
 from torch import nn
 
 from ..compression import pruning as core
-from ..compression.digest import gradient_digests
-from ..compression.optimizer import param_names, transfer_state
 from ..compression.recipe import PruningRecipe
 from ..compression.state import record_pruning
 from .hooks import append_jsonl, broadcast_bn_stats, check_ranks_agree
-
-
-def _from_rank0(value: Any) -> Any:
-    """Rank 0's value on every rank, so a decision is made once and applied everywhere."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _decide_on_rank0(fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 only and give its result to every rank."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return _from_rank0(fn() if rank == 0 else None)
+from .surgery import decide_on_rank0, rebuild_around
 
 
 def training_loss(model: nn.Module, batch: dict) -> Any:
@@ -51,7 +33,6 @@ class ProgressivePruningHook(Hook):
         new_optimizer: Callable[[nn.Module], Any],
     ) -> None:
         self.recipe, self.example, self.rewrap, self.new_optimizer = recipe, example_batch, rewrap, new_optimizer
-        self._check_gradients = False
         self.spec = core.PruningSpec(
             groups=dict(recipe.groups),
             importance=recipe.importance,
@@ -59,20 +40,8 @@ class ProgressivePruningHook(Hook):
             protected=list(recipe.protected),
         )
 
-    def after_train_iter(self, runner: Any) -> None:
-        """On the first iteration after an event, prove DDP still all-reduces gradients (equal on every rank)."""
-        if not self._check_gradients:
-            return
-        self._check_gradients = False
-        digests = check_ranks_agree(runner.model.module, "gradients after pruning", gradient_digests)
-        if runner.rank == 0:
-            append_jsonl(
-                osp.join(runner.work_dir, "grad_sync.jsonl"),
-                {"iter": runner.iter, "epoch": runner.epoch, "grad_digest_per_rank": digests},
-            )
-
     def _schedule_state(self, runner: Any) -> dict:
-        return runner.meta["compression"].setdefault("schedule", {"events_done": 0})
+        return runner.compression_state.setdefault("schedule", {"events_done": 0})
 
     def before_train_iter(self, runner: Any) -> None:
         """Run the next event when its iteration has come (several in a row if a resume skipped past them)."""
@@ -90,7 +59,7 @@ class ProgressivePruningHook(Hook):
             target = dict(params_reduction=self.recipe.params_reduction, flops_reduction=self.recipe.flops_reduction)
             searched = target["params_reduction"] is not None or target["flops_reduction"] is not None
             scale = (
-                _decide_on_rank0(lambda: core.scale_for_target(model, self.example, self.spec, **target))
+                decide_on_rank0(lambda: core.scale_for_target(model, self.example, self.spec, **target))
                 if searched
                 else 1.0
             )
@@ -107,16 +76,9 @@ class ProgressivePruningHook(Hook):
         done = schedule["events_done"]
         step = self.recipe.step_ratios(done, schedule["scale"])
         loss_fn = training_loss if self.recipe.importance == "taylor" else None
-        history = _decide_on_rank0(lambda: core.plan_pruning(model, self.example, self.spec, step, loss_fn=loss_fn))
-        old_optimizer, old_names = runner.optimizer, param_names(runner.optimizer, model)
-        runner.model = None
-        gc.collect()  # the old DDP reducer must be gone before the new wrapper registers its hooks
-        kept = core.apply_pruning(model, self.example, history)
-        runner.model = self.rewrap(model)
-        runner.optimizer = self.new_optimizer(runner.model)
-        transfer_state(old_optimizer, old_names, runner.optimizer, model, kept)
+        history = decide_on_rank0(lambda: core.plan_pruning(model, self.example, self.spec, step, loss_fn=loss_fn))
+        rebuild_around(runner, lambda m: core.apply_pruning(m, self.example, history), self.rewrap, self.new_optimizer)
         digests = check_ranks_agree(model, f"pruning event {done + 1}")
-        self._check_gradients = True
         self._record(runner, model, history, step, digests, time.perf_counter() - tic)
 
     def _record(self, runner: Any, model: nn.Module, history: list, step: dict, digests: list, seconds: float) -> None:
@@ -136,8 +98,8 @@ class ProgressivePruningHook(Hook):
             "digest_per_rank": digests,
             "seconds": round(seconds, 3),
         }
-        runner.meta["compression"] = record_pruning(runner.meta["compression"], history, event)
-        runner.meta["compression"]["schedule"]["events_done"] += 1
+        runner.compression_state = record_pruning(runner.compression_state, history, event)
+        runner.compression_state["schedule"]["events_done"] += 1
         runner.logger.info(
             "pruning event %d at epoch %d iter %d: params %d (-%.1f%%), FLOPs %d (-%.1f%%), %.2f s",
             event["event"],

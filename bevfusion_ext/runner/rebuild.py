@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..compression import load_state_dict_strict, read_checkpoint
-from ..compression.state import restore_architecture
+from ..compression.state import is_quantized, restore_architecture
 from .builder import build_dataset, build_model, example_batch
 from .config import ConfigError
 from .train import prepare_config
@@ -23,7 +23,7 @@ def load_compressed_model(config: str, checkpoint: str, opts: list[str] = (), re
     cfg, sources = prepare_config(config, list(opts))
     ckpt = read_checkpoint(checkpoint)
     state = ckpt.get("meta", {}).get("compression")
-    if require_compression and not (state or {}).get("pruning", {}).get("applied"):
+    if require_compression and not ((state or {}).get("pruning", {}).get("applied") or is_quantized(state)):
         raise MissingCompressionState(f"checkpoint {checkpoint} carries no compression state (meta.compression); "
                                       "pass a checkpoint written by tools/train_compressed.py with a recipe")
     val_set = build_dataset(cfg.data.val, "data.val", sources)

@@ -16,6 +16,8 @@ from ..compression import atomic_save, atomic_symlink, load_state_dict_strict, r
 class CompressionEpochBasedRunner(EpochBasedRunner):
     """BEVFusion's CustomEpochBasedRunner (dataset epoch hook) whose checkpoints load strictly and save atomically."""
 
+    compression_state: dict | None = None  # pruning histories + quantizer state; saved as meta["compression"]
+
     def set_dataset(self, datasets: list) -> None:
         """Remember the training datasets so ones with a per-epoch schedule can be told the epoch."""
         self._datasets = datasets
@@ -49,6 +51,11 @@ class CompressionEpochBasedRunner(EpochBasedRunner):
         self.logger.info("loaded checkpoint %s (strict)", filename)
         return ckpt
 
+    def resume(self, checkpoint: str, resume_optimizer: bool = True, map_location: Any = "cpu") -> None:
+        """mmcv's resume; the compression state leaves `meta` (it holds tensors mmcv's JSON logger cannot dump)."""
+        super().resume(checkpoint, resume_optimizer, map_location)
+        self.compression_state = self.meta.pop("compression", self.compression_state)
+
     def save_checkpoint(
         self,
         out_dir: str,
@@ -61,6 +68,8 @@ class CompressionEpochBasedRunner(EpochBasedRunner):
         meta = dict(meta or {})
         meta.update(self.meta or {})
         meta.update(epoch=self.epoch + 1, iter=self.iter, mmcv_version=mmcv.__version__)
+        if self.compression_state is not None:
+            meta["compression"] = self.compression_state
         filename = filename_tmpl.format(self.epoch + 1)
         # torch's state_dict, not mmcv's get_state_dict: that one also saves non-persistent buffers (strict loads fail)
         ckpt = {"meta": meta, "state_dict": weights_to_cpu(self.bare_model.state_dict())}

@@ -23,9 +23,10 @@ from ..compression.recipe import CompressionRecipe, PruningRecipe, RecipeError, 
 from ..compression.state import empty_state, restore_architecture
 from .builder import build_dataloader, build_dataset, build_model, check_registered, example_batch
 from .config import ConfigError, ConfigSources, load_config, validate_config
-from .hooks import MetricsEvalHook, RankConsistencyHook
+from .hooks import GradientSyncHook, MetricsEvalHook, NonFiniteGuardHook, RankConsistencyHook
 from .parallel import DistributedDataParallel
 from .pruning import ProgressivePruningHook
+from .quantization import QuantizationHook
 from .runner import CompressionEpochBasedRunner
 
 LOGGER_NAME = "bevfusion_ext"
@@ -159,10 +160,11 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None, recipes
         optimizer=new_optimizer(ddp),
         work_dir=str(out),
         logger=logger,
-        meta={"compression": state},
+        meta={},
         max_epochs=cfg.runner.max_epochs,
     )
     runner.timestamp = timestamp
+    runner.compression_state = state
     runner.set_dataset([train_set])
     _configure_wandb(cfg, out)
     runner.register_training_hooks(
@@ -176,6 +178,14 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None, recipes
     runner.register_hook(DistSamplerSeedHook())
     runner.register_hook(RankConsistencyHook(), priority="ABOVE_NORMAL")
     _register_eval(runner, cfg, sources)
+    runner.register_hook(NonFiniteGuardHook(), priority="NORMAL")  # after the optimizer hook's backward + step
+    runner.register_hook(GradientSyncHook(), priority="NORMAL")
+    if recipe.quantization is not None:
+        def calib_batches() -> Any:
+            return iter(build_dataloader(train_set, cfg.data.samples_per_gpu, 0, False, cfg.get("seed")))
+
+        runner.register_hook(QuantizationHook(recipe.quantization, calib_batches, rewrap, new_optimizer),
+                             priority="NORMAL")
     if recipe.pruning is not None:
         # NORMAL: after the LR hook sets this iteration's LR, and (after_train_iter) after the optimizer hook's backward
         runner.register_hook(ProgressivePruningHook(recipe.pruning, example, rewrap, new_optimizer), priority="NORMAL")

@@ -1,0 +1,107 @@
+"""Parity of every ONNX part: onnxruntime (2 threads, as DOMAIN.md's BEV pool check needs) against the PyTorch part
+on fresh seeded random inputs of the deployed shapes, with a documented tolerance per flavour (docs/export.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .parts import PartDef, flavour_mode, random_inputs
+
+ORT_THREADS = 2
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds on |onnxruntime - PyTorch| / max(1, max |PyTorch|) per float output; integer outputs must be equal."""
+
+    max_rel: float
+    mean_rel: float
+    why: str
+
+
+TOLERANCES = {
+    "fp32": Tolerance(1e-4, 1e-5, "same float math; only summation order differs"),
+    "qdq": Tolerance(0.15, 0.01, "fake quantization vs ORT Q/DQ: rare rounding flips propagate (DOMAIN.md 5)"),
+    "noqdq": Tolerance(1e-4, 1e-5, "fake-quantized weights are bit-identical, activations float on both sides"),
+}
+
+
+def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Outputs of an ONNX file in onnxruntime's CPU provider with ORT_THREADS intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = ORT_THREADS, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {k: v.numpy() for k, v in inputs.items()}), strict=True))
+
+
+def compare(reference: torch.Tensor, actual: np.ndarray, tol: Tolerance) -> dict:
+    """Error statistics of one output; integer outputs count mismatching elements instead."""
+    ref = reference.detach().numpy()
+    if ref.shape != actual.shape:
+        return {"passed": False, "detail": f"shape {list(actual.shape)} vs PyTorch {list(ref.shape)}"}
+    if not np.issubdtype(ref.dtype, np.floating):
+        mismatched = int((ref != actual).sum())
+        return {"mismatched": mismatched, "passed": mismatched == 0}
+    diff = np.abs(ref.astype(np.float64) - actual.astype(np.float64))
+    scale = float(np.abs(ref).max(initial=0.0))
+    norm = max(1.0, scale)
+    max_abs, mean_abs = float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0
+    passed = bool(np.isfinite(actual).all()) and max_abs <= tol.max_rel * norm and mean_abs <= tol.mean_rel * norm
+    return {"max_abs": max_abs, "mean_abs": mean_abs, "scale": scale, "passed": passed}
+
+
+def _as_tuple(out: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+@torch.no_grad()
+def check_part(
+    model: nn.Module,
+    part: PartDef,
+    module: nn.Module,
+    path: Path,
+    examples: dict[str, torch.Tensor],
+    flavour: str,
+    seed: int,
+) -> dict:
+    """One flavour of one part: onnxruntime vs the PyTorch part (in that flavour's quantization mode)."""
+    inputs, tol = random_inputs(examples, seed), TOLERANCES[flavour]
+    actual = run_onnx(path, inputs)
+    with flavour_mode(model, flavour):
+        free = _as_tuple(module(*inputs.values()))
+        aligned = _as_tuple(part.align(module, inputs, actual)) if part.align else free
+    outputs = {name: compare(ref, actual[name], tol) for name, ref in zip(part.outputs, aligned, strict=True)}
+    ranked = {f"{name}[top-k]": compare(free[part.outputs.index(name)], actual[name], tol) for name in part.ranked}
+    outputs.update(ranked)
+    return {
+        "flavour": flavour,
+        "seed": seed,
+        "ort_threads": ORT_THREADS,
+        "tolerance": asdict(tol),
+        "aligned_top_k": part.align is not None,
+        "outputs": outputs,
+        "passed": all(o["passed"] for o in outputs.values()),
+    }
+
+
+def failures(report_parts: dict[str, dict]) -> list[str]:
+    """One line per failing (part, flavour, output), naming the errors and the bound."""
+    lines = []
+    for name, entry in report_parts.items():
+        for flavour, result in entry.get("parity", {}).items():
+            tol = result["tolerance"]
+            for output, r in result["outputs"].items():
+                if not r["passed"]:
+                    stats = r.get("detail") or ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k != "passed")
+                    lines.append(
+                        f"{name} [{flavour}] {output}: {stats} (tolerance max {tol['max_rel']:g} / mean "
+                        f"{tol['mean_rel']:g} x max(1, max|ref|))"
+                    )
+    return lines

@@ -1,8 +1,10 @@
 """Run the project's CLIs the way users do, from the repository root with the venv on PATH."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +42,17 @@ def train_cmd(run_dir: Path, *opts: str, np: int = 0) -> list[str]:
     """tools/train_compressed.py on the tiny config, under `torchpack dist-run -np N` when np > 0."""
     cmd = [sys.executable, "tools/train_compressed.py", TINY, "--run-dir", str(run_dir), *FAST, *opts]
     return ["torchpack", "dist-run", "-np", str(np), *cmd] if np else cmd
+
+
+def jsonl(path: Path) -> list[dict]:
+    """The records of a run-directory JSONL log."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    """Block until `path` exists (a checkpoint to interrupt at), failing if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "training ended before the checkpoint to interrupt at appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.2)

@@ -1,16 +1,14 @@
 """Progressive pruning inside the real training loop: identical events on every rank, DDP still syncing, optimizer
 moments carried over, checkpoints that rebuild the pruned architecture, and resume in the middle of the schedule."""
 import copy
-import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, run_tool, tool_env, train_cmd
+from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, wait_for
 
 from bevfusion_ext.compression import pruning as core
 from bevfusion_ext.compression import read_checkpoint
@@ -21,9 +19,6 @@ from bevfusion_ext.runner.rebuild import load_compressed_model
 
 RECIPE = ["--recipe", "configs/compression/prune_seed.yaml", "--compression.pruning.round_to", "4"]
 
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +120,6 @@ def test_optimizer_moments_of_surviving_channels_are_kept() -> None:
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(new_state[key], old_state[key][survivors], rtol=0, atol=0)
 
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "training ended before the checkpoint to interrupt at appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.2)
 
 
 def test_resume_in_the_middle_of_the_schedule_matches_an_uninterrupted_run(tmp_path: Path) -> None:

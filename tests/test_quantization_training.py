@@ -1,14 +1,12 @@
 """INT8 calibration + QAT inside the real training loop: identical quantizers on every rank, gradients still synced,
 checkpoints that restore pruned shapes -> quantizers -> weights, resume during QAT, FP16 by sensitivity, NaN guard."""
-import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, run_tool, tool_env, train_cmd
+from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, wait_for
 
 from bevfusion_ext.compression import read_checkpoint
 from bevfusion_ext.compression.quantization import quantized_layers, quantizer_amax
@@ -16,9 +14,6 @@ from bevfusion_ext.runner.rebuild import load_compressed_model
 
 QAT = ["--recipe", "configs/compression/qat_int8.yaml", "--compression.quantization.calibration.num_batches", "2"]
 
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +53,6 @@ def test_quantized_checkpoint_restores_quantizers_then_weights(qat_run: tuple[Pa
     assert saved and all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert torch.isfinite(model(return_loss=False, **batch)[0]["masks_bev"]).all()
 
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "training ended before the checkpoint to interrupt at appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.2)
 
 
 def test_resume_during_qat_restores_quantizers_and_schedule(tmp_path: Path) -> None:

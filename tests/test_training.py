@@ -4,20 +4,15 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, run_tool, tool_env, train_cmd
+from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, wait_for
 
 from bevfusion_ext.compression import model_digest, read_checkpoint
 from bevfusion_ext.models import build_model
 from bevfusion_ext.runner import ConfigError, load_config, prepare_config
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def checkpoint_digest(path: Path) -> str:
@@ -88,13 +83,6 @@ def test_custom_hooks_from_the_config_are_registered(tmp_path: Path) -> None:
     log = next(tmp_path.glob("*.log")).read_text()
     assert "(LOW         ) SyncBuffersHook" in log, "custom_hooks from the config were not registered"
 
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "training ended before the checkpoint to interrupt at appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.2)
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -51,11 +51,11 @@ def check_registered(cfg: dict, sources: ConfigSources) -> None:
         _pick_registry(cfg["data"][split], f"data.{split}", DATASETS, datasets, sources)
 
 
-def build_model(cfg: dict, sources: ConfigSources) -> nn.Module:
-    """Build the model from `cfg['model']` and run its weight init, as BEVFusion's train.py does."""
+def build_model(cfg: dict, sources: ConfigSources, init_weights: bool = True) -> nn.Module:
+    """Build the model from `cfg['model']` and (for training) run its weight init, as BEVFusion's train.py does."""
     registry = _pick_registry(cfg["model"], "model", MODELS, _mmdet3d_registries()[0], sources)
     model = build_from_cfg(dict(cfg["model"]), registry)
-    if hasattr(model, "init_weights"):
+    if init_weights and hasattr(model, "init_weights"):
         model.init_weights()
     return model
 

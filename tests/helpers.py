@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/synthetic/multitask/tiny.yaml"
 # Small and deterministic: no stochastic depth / dropout, so an interrupted + resumed run can equal a straight one.
@@ -56,3 +58,20 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         assert proc.poll() is None, "training ended before the checkpoint to interrupt at appeared"
         assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
         time.sleep(0.2)
+
+
+def train_from(baseline: tuple[Path, subprocess.CompletedProcess], run_dir: Path, *opts: str, np: int = 2,
+               ) -> tuple[Path, subprocess.CompletedProcess]:
+    """A compression stage started from the shared baseline run's last checkpoint."""
+    base_dir, proc = baseline
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, run_tool(train_cmd(run_dir, *opts, "--load_from", str(base_dir / "epoch_2.pth"), np=np))
+
+
+def warm_bn(model: torch.nn.Module, batches: list[dict]) -> torch.nn.Module:
+    """Train-mode forwards so BN running statistics are not at their init (calibration runs in eval mode)."""
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(return_loss=True, **batch)
+    return model.eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from helpers import ROOT, TINY, run_tool
+from helpers import ROOT, TINY, run_tool, warm_bn
 
 from bevfusion_ext.compression import atomic_save
 from bevfusion_ext.compression.quantization import QuantSpec, calibrate, quantize_model, quantizer_state
@@ -45,20 +45,12 @@ def batches() -> list[dict]:
     return [collate([dataset[i], dataset[i + 1]]) for i in (0, 2)]
 
 
-def warm(model: torch.nn.Module, batches: list[dict]) -> torch.nn.Module:
-    """Train-mode forwards so BN statistics are not at their init, then eval."""
-    model.train()
-    with torch.no_grad():
-        for batch in batches:
-            model(return_loss=True, **batch)
-    return model.eval()
-
 
 @pytest.fixture(scope="module")
 def float_model(batches: list[dict]) -> tuple[torch.nn.Module, dict]:
     """The tiny model with folded BatchNorms and its captured activations on one sample."""
     torch.manual_seed(0)
-    model = warm(build_model(reference_config("tiny")), batches)
+    model = warm_bn(build_model(reference_config("tiny")), batches)
     fold_batchnorms(model)
     return model, capture(model, first_sample(batches[0]))
 
@@ -153,7 +145,7 @@ def test_object_head_outputs_follow_imposed_proposals(float_model: tuple) -> Non
 def quantized(batches: list[dict]) -> tuple[torch.nn.Module, dict]:
     """The tiny model quantized (ModelOpt, BN folded) and max-calibrated on two synthetic batches."""
     torch.manual_seed(0)
-    model = warm(build_model(reference_config("tiny")), batches)
+    model = warm_bn(build_model(reference_config("tiny")), batches)
     spec = QuantSpec(fold_bn=True)
     quantize_model(model, spec)
     calibrate(model, spec, batches, lambda m, batch: m(return_loss=False, **batch))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, wait_for
+from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, train_from, wait_for
 
 from bevfusion_ext.compression import pruning as core
 from bevfusion_ext.compression import read_checkpoint
@@ -20,18 +20,12 @@ from bevfusion_ext.runner.rebuild import load_compressed_model
 RECIPE = ["--recipe", "configs/compression/prune_seed.yaml", "--compression.pruning.round_to", "4"]
 
 
-
 @pytest.fixture(scope="module")
 def pruned_run(two_rank_run: tuple[Path, subprocess.CompletedProcess], tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[Path, subprocess.CompletedProcess]:
     """Baseline (2 ranks) -> 2-rank progressive pruning run: 2 events in epoch 1, then 1 epoch of fine-tuning."""
-    baseline, proc = two_rank_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path_factory.mktemp("pruned") / "run"
     schedule = ["--compression.pruning.schedule.end_epoch", "1", "--compression.pruning.schedule.num_events", "2"]
-    baseline_ckpt = str(baseline / "epoch_2.pth")
-    cmd = train_cmd(run_dir, *RECIPE, *schedule, "--max_epochs", "2", "--load_from", baseline_ckpt, np=2)
-    return run_dir, run_tool(cmd)
+    return train_from(two_rank_run, tmp_path_factory.mktemp("pruned") / "run", *RECIPE, *schedule, "--max_epochs", "2")
 
 
 def test_events_are_identical_on_both_ranks_and_reach_the_target(pruned_run: tuple[Path, subprocess.CompletedProcess],

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import warm_bn
 from torch import nn
 
 from bevfusion_ext.compression.quantization import (
@@ -74,14 +75,6 @@ def batches() -> list[dict]:
     dataset = SyntheticBEVDataset(6, seed=0)
     return [collate([dataset[i], dataset[i + 1]]) for i in range(0, 6, 2)]
 
-
-def warm_bn(model: nn.Module, batches: list[dict]) -> nn.Module:
-    """Train-mode forwards so BN running statistics are not at their init (calibration runs in eval mode)."""
-    model.train()
-    with torch.no_grad():
-        for batch in batches:
-            model(return_loss=True, **batch)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, wait_for
+from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, train_from, wait_for
 
 from bevfusion_ext.compression import read_checkpoint
 from bevfusion_ext.compression.quantization import quantized_layers, quantizer_amax
@@ -15,16 +15,11 @@ from bevfusion_ext.runner.rebuild import load_compressed_model
 QAT = ["--recipe", "configs/compression/qat_int8.yaml", "--compression.quantization.calibration.num_batches", "2"]
 
 
-
 @pytest.fixture(scope="module")
 def qat_run(two_rank_run: tuple[Path, subprocess.CompletedProcess], tmp_path_factory: pytest.TempPathFactory
             ) -> tuple[Path, subprocess.CompletedProcess]:
     """Baseline -> 2-rank calibration (epoch 0) + 2 QAT epochs."""
-    baseline, proc = two_rank_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path_factory.mktemp("qat") / "run"
-    cmd = train_cmd(run_dir, *QAT, "--max_epochs", "2", "--load_from", str(baseline / "epoch_2.pth"), np=2)
-    return run_dir, run_tool(cmd)
+    return train_from(two_rank_run, tmp_path_factory.mktemp("qat") / "run", *QAT, "--max_epochs", "2")
 
 
 def test_calibration_gives_identical_quantizers_and_synced_gradients(qat_run: tuple[Path, subprocess.CompletedProcess],

@@ -58,6 +58,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return dict(ckpt)
 
 
+def checkpoint_weights(ckpt: Mapping) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint dict, without a DDP `module.` prefix (mmcv saves either form)."""
+    state = ckpt.get("state_dict", ckpt)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def state_dict_mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
     """List every way `given` fails to fit `expected`: shape mismatches first, then missing and unexpected keys."""
     shape = [

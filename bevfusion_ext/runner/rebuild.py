@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..compression import load_state_dict_strict, read_checkpoint
+from ..compression import checkpoint_weights, load_state_dict_strict, read_checkpoint
 from ..compression.state import is_quantized, restore_architecture
 from .builder import build_dataset, build_model, example_batch
 from .config import ConfigError
@@ -30,5 +30,5 @@ def load_compressed_model(config: str, checkpoint: str, opts: list[str] = (), re
     example = example_batch(val_set, min(2, len(val_set)))
     model = build_model(cfg, sources, init_weights=False)  # every weight comes from the checkpoint
     restore_architecture(model, state, example, checkpoint)
-    load_state_dict_strict(model, ckpt["state_dict"], checkpoint)
+    load_state_dict_strict(model, checkpoint_weights(ckpt), checkpoint)
     return model.eval(), cfg, example

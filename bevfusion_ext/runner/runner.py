@@ -9,7 +9,7 @@ import mmcv
 from mmcv.runner import RUNNERS, EpochBasedRunner
 from mmcv.runner.checkpoint import weights_to_cpu
 
-from ..compression import atomic_save, atomic_symlink, load_state_dict_strict, read_checkpoint
+from ..compression import atomic_save, atomic_symlink, checkpoint_weights, load_state_dict_strict, read_checkpoint
 
 
 @RUNNERS.register_module()
@@ -45,9 +45,7 @@ class CompressionEpochBasedRunner(EpochBasedRunner):
         name, preloaded = getattr(self, "_preloaded", (None, None))
         self._preloaded = (None, None)
         ckpt = preloaded if name == filename and preloaded is not None else read_checkpoint(filename)
-        state = ckpt.get("state_dict", ckpt)
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        load_state_dict_strict(self.bare_model, state, filename)
+        load_state_dict_strict(self.bare_model, checkpoint_weights(ckpt), filename)
         self.logger.info("loaded checkpoint %s (strict)", filename)
         return ckpt
 

@@ -18,7 +18,7 @@ from mmcv.runner import DistSamplerSeedHook, Fp16OptimizerHook, OptimizerHook, b
 from mmcv.utils import get_logger
 from torchpack import distributed as tp_dist
 
-from ..compression import read_checkpoint
+from ..compression import checkpoint_weights, load_state_dict_strict, read_checkpoint
 from ..compression.recipe import CompressionRecipe, PruningRecipe, RecipeError, check_groups, parse_recipe
 from ..compression.state import empty_state, restore_architecture
 from .builder import build_dataloader, build_dataset, build_model, check_registered, example_batch
@@ -126,15 +126,9 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None, recipes
     cfg, sources = prepare_config(config_path, opts, recipes)
     recipe = compression_recipe(cfg, sources)
     init_distributed()
-    out = _shared_run_dir(config_path, run_dir)
-    cfg.run_dir = str(out)
-    timestamp = time.strftime("%Y%m%d_%H%M%S")
-    logger = get_logger(LOGGER_NAME, log_file=str(out / f"{timestamp}.log"))
-    if tp_dist.rank() == 0:
-        cfg.dump(str(out / "configs.yaml"))
-    logger.info("config %s, world size %d, run dir %s", config_path, tp_dist.size(), out)
     _seed_everything(cfg.get("seed"))
-
+    # Everything that can reject the inputs (datasets, model, checkpoint fit, recipe groups) runs before the run
+    # directory exists, so a bad config or checkpoint writes nothing.
     device = torch.device("cuda", tp_dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     train_set = build_dataset(cfg.data.train, "data.train", sources)
     example = _to_device(example_batch(train_set, min(2, len(train_set))), device)
@@ -142,6 +136,14 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None, recipes
     checkpoint, state = _restore_compressed_architecture(cfg, model, example)
     if recipe.pruning is not None:
         _check_groups(recipe.pruning, model, sources)
+
+    out = _shared_run_dir(config_path, run_dir)
+    cfg.run_dir = str(out)
+    timestamp = time.strftime("%Y%m%d_%H%M%S")
+    logger = get_logger(LOGGER_NAME, log_file=str(out / f"{timestamp}.log"))
+    if tp_dist.rank() == 0:
+        cfg.dump(str(out / "configs.yaml"))
+    logger.info("config %s, world size %d, run dir %s", config_path, tp_dist.size(), out)
 
     def rewrap(bare: torch.nn.Module) -> DistributedDataParallel:
         return DistributedDataParallel(
@@ -209,6 +211,7 @@ def _restore_compressed_architecture(cfg: Config, model: torch.nn.Module, exampl
     checkpoint = read_checkpoint(path)
     state = copy.deepcopy(checkpoint.get("meta", {}).get("compression")) or empty_state()
     restore_architecture(model, state, example, path)
+    load_state_dict_strict(model, checkpoint_weights(checkpoint), path)  # a misfit fails before anything is written
     if not cfg.get("resume_from"):
         state.pop("schedule", None)  # a new run starts its own recipe schedule from the loaded model
     return checkpoint, state

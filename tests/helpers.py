@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +59,16 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         assert proc.poll() is None, "training ended before the checkpoint to interrupt at appeared"
         assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
         time.sleep(0.2)
+
+
+def kill_after_first_epoch_then_resume(run_dir: Path, *opts: str) -> subprocess.CompletedProcess:
+    """Start a single-process run, SIGKILL it once epoch_1.pth exists, then `--resume_from` that checkpoint."""
+    proc = subprocess.Popen(train_cmd(run_dir, *opts), cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for(run_dir / "epoch_1.pth", proc, timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be interrupted"
+    return run_tool(train_cmd(run_dir, *opts, "--resume_from", str(run_dir / "epoch_1.pth")))
 
 
 def train_from(baseline: tuple[Path, subprocess.CompletedProcess], run_dir: Path, *opts: str, np: int = 2,

@@ -1,14 +1,21 @@
 """Progressive pruning inside the real training loop: identical events on every rank, DDP still syncing, optimizer
 moments carried over, checkpoints that rebuild the pruned architecture, and resume in the middle of the schedule."""
 import copy
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, train_from, wait_for
+from helpers import (
+    ROOT,
+    TINY,
+    jsonl,
+    kill_after_first_epoch_then_resume,
+    run_tool,
+    train_cmd,
+    train_from,
+)
 
 from bevfusion_ext.compression import pruning as core
 from bevfusion_ext.compression import read_checkpoint
@@ -115,7 +122,6 @@ def test_optimizer_moments_of_surviving_channels_are_kept() -> None:
         torch.testing.assert_close(new_state[key], old_state[key][survivors], rtol=0, atol=0)
 
 
-
 def test_resume_in_the_middle_of_the_schedule_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     opts = [*RECIPE, "--compression.pruning.target", "{}", "--compression.pruning.schedule.end_epoch", "3",
             "--compression.pruning.schedule.num_events", "3", "--max_epochs", "3", "--evaluation.enabled", "False"]
@@ -123,13 +129,8 @@ def test_resume_in_the_middle_of_the_schedule_matches_an_uninterrupted_run(tmp_p
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, *opts), cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_for(killed / "epoch_1.pth", proc, timeout=300)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    resumed = kill_after_first_epoch_then_resume(killed, *opts)
     assert len(read_checkpoint(killed / "epoch_1.pth")["meta"]["compression"]["pruning"]["applied"]) == 1
-    resumed = run_tool(train_cmd(killed, *opts, "--resume_from", str(killed / "epoch_1.pth")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     a, b = read_checkpoint(tmp_path / "straight/epoch_3.pth"), read_checkpoint(killed / "epoch_3.pth")

@@ -1,12 +1,11 @@
 """INT8 calibration + QAT inside the real training loop: identical quantizers on every rank, gradients still synced,
 checkpoints that restore pruned shapes -> quantizers -> weights, resume during QAT, FP16 by sensitivity, NaN guard."""
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, train_from, wait_for
+from helpers import ROOT, TINY, jsonl, kill_after_first_epoch_then_resume, run_tool, train_cmd, train_from
 
 from bevfusion_ext.compression import read_checkpoint
 from bevfusion_ext.compression.quantization import quantized_layers, quantizer_amax
@@ -49,18 +48,12 @@ def test_quantized_checkpoint_restores_quantizers_then_weights(qat_run: tuple[Pa
     assert torch.isfinite(model(return_loss=False, **batch)[0]["masks_bev"]).all()
 
 
-
 def test_resume_during_qat_restores_quantizers_and_schedule(tmp_path: Path) -> None:
     opts = [*QAT, "--max_epochs", "3", "--evaluation.enabled", "False"]
     straight = run_tool(train_cmd(tmp_path / "straight", *opts))
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, *opts), cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_for(killed / "epoch_1.pth", proc, timeout=300)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = run_tool(train_cmd(killed, *opts, "--resume_from", str(killed / "epoch_1.pth")))
+    resumed = kill_after_first_epoch_then_resume(killed, *opts)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "quantizers calibrated" not in resumed.stderr + next(killed.glob("*.log")).read_text().split("resumed")[-1]
     a, b = read_checkpoint(tmp_path / "straight/epoch_3.pth"), read_checkpoint(killed / "epoch_3.pth")

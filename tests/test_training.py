@@ -2,13 +2,12 @@
 
 import json
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, jsonl, run_tool, tool_env, train_cmd, wait_for
+from helpers import ROOT, TINY, jsonl, kill_after_first_epoch_then_resume, run_tool, train_cmd
 
 from bevfusion_ext.compression import model_digest, read_checkpoint
 from bevfusion_ext.models import build_model
@@ -84,35 +83,12 @@ def test_custom_hooks_from_the_config_are_registered(tmp_path: Path) -> None:
     assert "(LOW         ) SyncBuffersHook" in log, "custom_hooks from the config were not registered"
 
 
-
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     straight = run_tool(train_cmd(tmp_path / "straight", "--max_epochs", "3", "--evaluation.enabled", "False"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        train_cmd(killed_dir, "--max_epochs", "3", "--evaluation.enabled", "False"),
-        cwd=ROOT,
-        env=tool_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(killed_dir / "epoch_1.pth", proc, timeout=300)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / "epoch_3.pth").exists()
-
-    resumed = run_tool(
-        train_cmd(
-            killed_dir,
-            "--max_epochs",
-            "3",
-            "--evaluation.enabled",
-            "False",
-            "--resume_from",
-            str(killed_dir / "epoch_1.pth"),
-        )
-    )
+    resumed = kill_after_first_epoch_then_resume(killed_dir, "--max_epochs", "3", "--evaluation.enabled", "False")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = sorted(killed_dir.glob("*.log"))[-1].read_text()
     assert "resumed epoch 1, iter 4" in log

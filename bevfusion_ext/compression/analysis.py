@@ -11,17 +11,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .pruning.counting import trainable_params
+
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
 def eval_forward(model: nn.Module, batch: Any) -> Any:
     """mmdet-style inference call on a collated batch."""
     return model(return_loss=False, **batch)
-
-
-def trainable_params(module: nn.Module) -> int:
-    """Trainable parameter count (frozen geometry parameters such as the LSS frustum are not weights)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _rollup(model: nn.Module, measured: dict[str, float], depth: int) -> dict[str, float]:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..compression import quantization as quant
+from ..compression.analysis import eval_forward
 from ..compression.recipe import QuantizationRecipe
 from ..compression.state import is_quantized
 from .hooks import append_jsonl, broadcast_bn_stats, check_ranks_agree
@@ -23,11 +24,6 @@ from .surgery import all_reduce_max, decide_on_rank0, rebuild_around
 
 class NonFiniteAmaxError(RuntimeError):
     """Calibration produced an amax that is NaN, infinite or zero: the quantizer would break the model."""
-
-
-def eval_forward(model: nn.Module, batch: dict) -> Any:
-    """Inference forward used for calibration (BN in eval mode, as deployed)."""
-    return model(return_loss=False, **batch)
 
 
 class QuantizationHook(Hook):

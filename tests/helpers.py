@@ -71,6 +71,11 @@ def kill_after_first_epoch_then_resume(run_dir: Path, *opts: str) -> subprocess.
     return run_tool(train_cmd(run_dir, *opts, "--resume_from", str(run_dir / "epoch_1.pth")))
 
 
+def newest_log(run_dir: Path) -> str:
+    """The text log of the latest launch into `run_dir` (logs are named by start time)."""
+    return sorted(run_dir.glob("*.log"))[-1].read_text()
+
+
 def train_from(baseline: tuple[Path, subprocess.CompletedProcess], run_dir: Path, *opts: str, np: int = 2,
                ) -> tuple[Path, subprocess.CompletedProcess]:
     """A compression stage started from the shared baseline run's last checkpoint."""

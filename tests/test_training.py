@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, jsonl, kill_after_first_epoch_then_resume, run_tool, train_cmd
+from helpers import ROOT, TINY, jsonl, kill_after_first_epoch_then_resume, newest_log, run_tool, train_cmd
 
 from bevfusion_ext.compression import model_digest, read_checkpoint
 from bevfusion_ext.models import build_model
@@ -90,8 +90,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path: Path) -> None
     killed_dir = tmp_path / "killed"
     resumed = kill_after_first_epoch_then_resume(killed_dir, "--max_epochs", "3", "--evaluation.enabled", "False")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = sorted(killed_dir.glob("*.log"))[-1].read_text()
-    assert "resumed epoch 1, iter 4" in log
+    assert "resumed epoch 1, iter 4" in newest_log(killed_dir)
 
     a, b = read_checkpoint(tmp_path / "straight/epoch_3.pth"), read_checkpoint(killed_dir / "epoch_3.pth")
     assert a["meta"]["iter"] == b["meta"]["iter"] == 12

@@ -41,6 +41,26 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tupl
     return statistics.median(times), times
 
 
+def write_section(name: str, markdown: str) -> Path:
+    """Write this benchmark's Markdown section (results/<name>.md); summarize.py stitches them into README.md."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(markdown.rstrip() + "\n")
+    return path
+
+
+def figure(name: str, **subplots: Any) -> tuple[Any, Any, Path]:
+    """A headless matplotlib figure and the results/<name>.png path to save it to."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(exist_ok=True)
+    fig, axes = plt.subplots(**subplots)
+    return fig, axes, RESULTS / f"{name}.png"
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     """Write a result next to the others, with the machine it ran on."""
     RESULTS.mkdir(exist_ok=True)

@@ -66,6 +66,19 @@ def test_checkpoint_of_another_architecture_is_refused(
     assert not list((tmp_path / "run").glob("*.pth"))
 
 
+def test_resume_on_another_world_size_is_refused_before_anything_is_written(
+    two_rank_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    run_dir, _ = two_rank_run
+    assert read_checkpoint(run_dir / "epoch_2.pth")["meta"]["world_size"] == 2
+    proc = run_tool(train_cmd(tmp_path / "run", "--resume_from", str(run_dir / "epoch_2.pth")))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"resume_from {run_dir / 'epoch_2.pth'}" in proc.stderr
+    assert "2-process run and this run has 1" in proc.stderr and "dist-run -np 2" in proc.stderr
+    assert "--load_from" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_custom_hooks_from_the_config_are_registered(tmp_path: Path) -> None:
     proc = run_tool(
         train_cmd(

@@ -66,6 +66,7 @@ class QuantizationHook(Hook):
         model = runner.model.module
         broadcast_bn_stats(model)
         batches = list(islice(self.calib_batches(), self.recipe.calibration_batches))
+        runner.logger.info("quantization: calibrating on %d batches per rank", len(batches))
         fp16 = self._sensitive_layers(runner, model, batches[: self.recipe.sensitivity_batches])
         spec = dataclasses.replace(self.recipe.spec, exclude=[*self.recipe.spec.exclude, *fp16])
         model = rebuild_around(runner, lambda m: (quant.quantize_model(m, spec), {})[1], self.rewrap,

@@ -65,7 +65,7 @@ class CompressionEpochBasedRunner(EpochBasedRunner):
         """Save like mmcv, but through a temporary file and a rename so a crash never leaves a broken checkpoint."""
         meta = dict(meta or {})
         meta.update(self.meta or {})
-        meta.update(epoch=self.epoch + 1, iter=self.iter, mmcv_version=mmcv.__version__)
+        meta.update(epoch=self.epoch + 1, iter=self.iter, world_size=self.world_size, mmcv_version=mmcv.__version__)
         if self.compression_state is not None:
             meta["compression"] = self.compression_state
         filename = filename_tmpl.format(self.epoch + 1)

@@ -208,12 +208,26 @@ def _restore_compressed_architecture(cfg: Config, model: torch.nn.Module, exampl
     if not path:
         return None, empty_state()
     checkpoint = read_checkpoint(path)
+    if cfg.get("resume_from"):
+        _check_world_size(checkpoint, path)
     state = copy.deepcopy(checkpoint.get("meta", {}).get("compression")) or empty_state()
     restore_architecture(model, state, example, path)
     load_state_dict_strict(model, checkpoint_weights(checkpoint), path)  # a misfit fails before anything is written
     if not cfg.get("resume_from"):
         state.pop("schedule", None)  # a new run starts its own recipe schedule from the loaded model
     return checkpoint, state
+
+
+def _check_world_size(checkpoint: dict, path: str) -> None:
+    """Refuse a resume on another number of processes: data order, iterations per epoch and the schedule would differ."""
+    saved = checkpoint.get("meta", {}).get("world_size")
+    if saved is not None and saved != tp_dist.size():
+        raise ConfigError(
+            f"resume_from {path}: the checkpoint was written by a {saved}-process run and this run has "
+            f"{tp_dist.size()}; resuming would change the data order, the iterations per epoch and the compression "
+            f"schedule. Relaunch with 'torchpack dist-run -np {saved} ...', or start a new schedule from these weights "
+            f"with --load_from {path} (the compressed architecture is kept; optimizer and schedule start afresh)"
+        )
 
 
 def _check_groups(recipe: PruningRecipe, model: torch.nn.Module, sources: ConfigSources) -> None:

@@ -32,6 +32,14 @@ def test_failed_write_keeps_previous_checkpoint_and_leaves_no_temp(tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir()] == ["epoch_1.pth"]
 
 
+def test_next_write_removes_the_temp_file_of_a_writer_killed_mid_write(tmp_path: Path) -> None:
+    stale = tmp_path / ".epoch_2.pth.tmp-4242"
+    stale.write_bytes(b"PK\x03\x04 half a zip")  # what SIGKILL during torch.save leaves
+    (tmp_path / ".epoch_3.pth.tmp-4242").write_bytes(b"another target's")
+    atomic_save({"state_dict": {"w": torch.ones(3)}}, tmp_path / "epoch_2.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".epoch_3.pth.tmp-4242", "epoch_2.pth"]
+
+
 def test_symlink_is_replaced_in_place(tmp_path: Path) -> None:
     for name in ("epoch_1.pth", "epoch_2.pth"):
         atomic_save({"n": name}, tmp_path / name)

@@ -20,6 +20,8 @@ class CheckpointError(RuntimeError):
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """Write `obj` next to `path` and rename it into place, so a crash never leaves a half-written checkpoint."""
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed mid-write
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -219,7 +219,7 @@ def _restore_compressed_architecture(cfg: Config, model: torch.nn.Module, exampl
 
 
 def _check_world_size(checkpoint: dict, path: str) -> None:
-    """Refuse a resume on another number of processes: data order, iterations per epoch and the schedule would differ."""
+    """Refuse a resume on another process count: data order, iterations per epoch and schedule would differ."""
     saved = checkpoint.get("meta", {}).get("world_size")
     if saved is not None and saved != tp_dist.size():
         raise ConfigError(

@@ -66,6 +66,7 @@ def test_report_has_parity_placement_for_every_node_and_a_labelled_projection(bu
         layers = [n.name for n in onnx.load(str(out / entry["files"]["onnx"])).graph.node if is_layer(n)]
         assert [n["name"] for n in entry["placement"]["nodes"]] == layers, name
         assert entry["roofline"]["fp16"]["label"] == "projection" and entry["params"] > 0
+        assert entry["fp16_range"]["tensors_checked"] > 0 and entry["fp16_range"]["overflow"] == [], name
     assert report["bev_pool"]["parity"]["fp32"]["passed"] and report["bev_pool"]["parity"]["fp32"]["ort_threads"] == 2
     assert {k["name"] for k in report["kernels"]} == {
         "camera.depth_image",
@@ -76,7 +77,7 @@ def test_report_has_parity_placement_for_every_node_and_a_labelled_projection(bu
     }
     assert report["source"]["quantized"] is False and "QAT" in report["source"]["quantization"]
     text = (out / "report.md").read_text()
-    for heading in ("## Parts", "## Parity", "## DLA / GPU placement", "## Projected Orin latency"):
+    for heading in ("## Parts", "## Parity", "## FP16 range", "## DLA / GPU placement", "## Projected Orin latency"):
         assert heading in text
     assert "Projection, not a measurement" in text and "not requested (--build)" in text
 

@@ -25,7 +25,7 @@ from ..compression.quantization.meta import get_meta
 from ..compression.state import CompressionStateError, pruning_events
 from ..runner.config import ConfigError
 from ..runner.rebuild import MissingCompressionState, load_compressed_model
-from . import parity
+from . import fp16_range, parity
 from .bundle import out_problem, part_files, readme, staged, write_metadata
 from .calib_cache import calib_tag, fp16_layers, propagate_scales, scales_from_qdq, strip_qdq, write_calib_cache
 from .dla_rules import check_model
@@ -43,6 +43,7 @@ from .parts import (
     is_quantized,
     kernel_contracts,
     param_count,
+    random_inputs,
     unavailable_reason,
 )
 from .report import write_report
@@ -199,6 +200,13 @@ def _placement(
     }, plan
 
 
+def _fp16_range(graph: onnx.ModelProto, examples: dict, seed: int, scales: dict[str, float], entry: dict) -> dict:
+    """FP16 overflow check of the FP32 graph on the example and the parity inputs; DLA layers only with a DLA target."""
+    dla = "dla0" in entry["commands"]
+    on_dla = {n["name"] for n in entry["placement"]["nodes"] if dla and n["on_dla"]}
+    return fp16_range.check(graph, [examples, random_inputs(examples, seed)], scales, on_dla)
+
+
 def export_part(model: nn.Module, part: PartDef, acts: Activations, root: Path, tag: str, seed: int) -> dict:
     """All flavours of one part into root/models/<part>/, with parity, placement, roofline and build commands."""
     files = part_files(part.name)
@@ -220,6 +228,7 @@ def export_part(model: nn.Module, part: PartDef, acts: Activations, root: Path, 
     entry["parity"] = {"fp32": parity.check_part(model, part, module, paths["onnx"], examples, "fp32", seed)}
     int8 = any(type(m).__name__ == "TensorQuantizer" and not m._disabled for m in module.modules())
     fp16: list[str] = []
+    scales: dict[str, float] = {}
     if int8:
         stripped, scales, fp16 = _int8(model, part, module, examples, paths, tag, seed, entry)
         entry["placement"], plan = _placement(stripped, "noqdq", "int8", fp16, scales)
@@ -235,6 +244,7 @@ def export_part(model: nn.Module, part: PartDef, acts: Activations, root: Path, 
         gflops=rooflines["fp16"]["gflops"],
         commands=_commands(part, files, root, fp16, plan, int8),
     )
+    entry["fp16_range"] = _fp16_range(fp32, examples, seed, scales, entry)
     return entry
 
 
@@ -303,6 +313,9 @@ def export_bundle(
             f"{name}: parity {verdicts}; {sum(n['on_dla'] for n in nodes)}/{len(nodes)} layers can run on the DLA "
             f"[{time.perf_counter() - t:.1f} s]"
         )
+        warning = fp16_range.overflow_warning(name, parts[name]["fp16_range"])
+        if warning:
+            log(warning)
     classes = {
         "object": list(cfg.get("object_classes") or []),
         "map": list(model.heads["map"].classes) if "map" in model.heads else [],

@@ -1,11 +1,13 @@
 """report.json (everything, machine-readable) and report.md (the same, for people) of a deploy bundle: parts, shapes,
-params / FLOPs, parity, per-node DLA / GPU placement with reasons, and the roofline latency projection."""
+params / FLOPs, parity, FP16 activation range, per-node DLA / GPU placement with reasons, and the roofline latency
+projection."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .fp16_range import AT_RISK_ABOVE, FP16_MAX
 from .roofline import ASSUMPTIONS, DRAM_BYTES_PER_S, PEAKS
 
 
@@ -100,6 +102,52 @@ def _parity(report: dict) -> list[str]:
     return lines + _table(
         ["part", "flavour", "output", "max abs", "mean abs", "max |ref|", "mismatched", "result"], rows
     )
+
+
+def _finding(f: dict) -> str:
+    value = "inf/nan" if f["nonfinite"] else f"{f['max_abs']:.3g}"
+    marks = (" (INT8 scale)" if f["int8"] else "") + (" (DLA)" if f["on_dla"] else "")
+    return f"`{f['layer'] or 'input ' + f['tensor']}` {value}{marks}"
+
+
+def _offenders(findings: list[dict], shown: int = 5) -> str:
+    """The first `shown` offending layers (inputs by tensor name) with their max |x|, in graph order."""
+    more = f" and {len(findings) - shown} more" if len(findings) > shown else ""
+    return ", ".join(map(_finding, findings[:shown])) + more if findings else "-"
+
+
+def _fp16_fix(name: str, r: dict) -> str:
+    dla = any(f["on_dla"] for f in r["overflow"])
+    return (
+        f"- **{name}** overflows FP16: rescale / normalise its input, quantize the layer to INT8, or build `gpu_fp16` "
+        f"with `{' '.join(r['gpu_fp32_flags'])}` (not added to `scripts/build_engines.sh`)"
+        + ("; the DLA has no FP32, so its DLA layers can only be FP32 on the GPU" if dla else "")
+    )
+
+
+def _fp16_range(report: dict) -> list[str]:
+    ranges = {name: e["fp16_range"] for name, e in report["parts"].items()}
+    lines = [
+        f"Every non-INT8 layer runs in FP16 on the Orin, where |x| > {FP16_MAX:g} becomes inf; FP32 parity cannot "
+        "show that. Max |x| of every float tensor of each FP32 ONNX, measured in onnxruntime on the captured example "
+        f"and the parity inputs. At risk: above {AT_RISK_ABOVE:g} (under {FP16_MAX / AT_RISK_ABOVE:g}x headroom for "
+        "inputs beyond these few samples). `(INT8 scale)`: saturates at its amax instead wherever TensorRT runs it in "
+        "INT8 (the `gpu_fp16` engine still overflows); `(DLA)`: planned on the DLA, which has no FP32.",
+        "",
+    ]
+    rows = [
+        [
+            name,
+            f"{r['max_abs']:.4g} (`{r['max_abs_layer'] or r['max_abs_tensor']}`)",
+            f"{FP16_MAX / r['max_abs']:.1f}x" if r["max_abs"] else "-",
+            _offenders(r["overflow"]),
+            _offenders(r["at_risk"]),
+        ]
+        for name, r in ranges.items()
+    ]
+    lines += _table(["part", "largest max abs (layer)", f"headroom to {FP16_MAX:g}", "overflow", "at risk"], rows)
+    fixes = [_fp16_fix(name, r) for name, r in ranges.items() if r["overflow"]]
+    return [*lines, *([""] if fixes else []), *fixes]
 
 
 def _kernels(report: dict) -> list[str]:
@@ -210,6 +258,10 @@ def markdown(report: dict) -> str:
         "## Parity",
         "",
         *_parity(report),
+        "",
+        "## FP16 range",
+        "",
+        *_fp16_range(report),
         "",
         "## GPU kernels and pre/post-processing between the parts",
         "",

@@ -62,6 +62,12 @@ def _dla_common(onnx_path: str, calib_cache: str, fp16_layers: Iterable[str]) ->
     return [f"--onnx={onnx_path}", f"--calib={calib_cache}", "--int8", "--fp16", *precision, f"--memPoolSize={pools}"]
 
 
+def fp32_flags(layers: Iterable[str]) -> list[str]:
+    """Flags keeping `layers` (compute and outputs) in FP32 in a --fp16 GPU build, e.g. where FP16 would overflow."""
+    pins = ",".join(f"{name}:fp32" for name in layers)
+    return [f"--layerPrecisions={pins}", f"--layerOutputTypes={pins}", "--precisionConstraints=obey"] if pins else []
+
+
 def commands(
     part_name: str,
     onnx_paths: dict[str, str],

@@ -155,6 +155,9 @@ def test_export_reports_the_scaled_layer_in_json_markdown_and_log(exports: dict)
     assert first["layer"] == "/fuser/fuser.0/Conv" and first["max_abs"] > FP16_MAX and not first["nonfinite"]
     assert [f["tensor"] for f in head["overflow"] + head["at_risk"]][0] == "bev_features"  # the fuser's output
     assert "/fuser/fuser.0/Conv:fp32" in fuser["gpu_fp32_flags"][0]
+    command = report["parts"]["fuser"]["commands"]["gpu_fp16"]
+    assert command[-3:] == fuser["gpu_fp32_flags"] and "--fp16" in command  # the GPU FP16 engine keeps them FP32
+    assert fuser["gpu_fp32_flags"][0] in (out / "scripts" / "build_engines.sh").read_text()
     text = (out / "report.md").read_text()
     section = text[text.index("## FP16 range") : text.index("## GPU kernels")]
     assert f"`/fuser/fuser.0/Conv` {first['max_abs']:.3g}" in section

@@ -245,6 +245,7 @@ def export_part(model: nn.Module, part: PartDef, acts: Activations, root: Path, 
         commands=_commands(part, files, root, fp16, plan, int8),
     )
     entry["fp16_range"] = _fp16_range(fp32, examples, seed, scales, entry)
+    entry["commands"]["gpu_fp16"] += entry["fp16_range"]["gpu_fp32_flags"]  # overflowing layers stay FP32
     return entry
 
 
@@ -392,6 +393,7 @@ def _engine_job(root: Path, entry: dict, target: str, argv: list[str]) -> dict:
         "calib_cache": root / entry["files"]["cache"] if flavour == "noqdq" else None,
         "dla_core": None if core is None else int(core),
         "fp16_layers": entry["fp16_layers"],
+        "fp32_layers": entry["fp16_range"]["gpu_fp32_layers"] if target == "gpu_fp16" else [],
         "standalone": target == "dla_standalone",
     }
 

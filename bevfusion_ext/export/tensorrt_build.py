@@ -78,11 +78,25 @@ def _layers(network: Any) -> list[Any]:
     return [network.get_layer(i) for i in range(network.num_layers)]
 
 
-def _set_precision(trt: Any, config: Any, network: Any, flavour: str, calib_cache: Any, fp16_layers: set[str]) -> dict:
-    """FP16 always; INT8 from Q/DQ (explicit) or from the cache (implicit) with the FP16 list pinned."""
+def _pin_fp32(trt: Any, config: Any, network: Any, fp32_layers: set[str]) -> dict:
+    """Keep the layers whose activations overflow FP16 (and their outputs) in FP32 in an FP16 build."""
+    if not fp32_layers:
+        return {}
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    pinned = [layer for layer in _layers(network) if layer.name in fp32_layers]
+    for layer in pinned:
+        layer.precision = trt.float32
+        for i in range(layer.num_outputs):
+            layer.set_output_type(i, trt.float32)
+    return {"fp32_layers_not_found": sorted(fp32_layers - {layer.name for layer in pinned})}
+
+
+def _set_precision(trt: Any, config: Any, network: Any, flavour: str, calib_cache: Any, fp16_layers: set[str],
+                   fp32_layers: set[str]) -> dict:
+    """FP16 always (overflowing layers pinned to FP32); INT8 from Q/DQ or from the cache with the FP16 list pinned."""
     config.set_flag(trt.BuilderFlag.FP16)
     if flavour == "fp16":
-        return {}
+        return _pin_fp32(trt, config, network, fp32_layers)
     config.set_flag(trt.BuilderFlag.INT8)
     if flavour != "noqdq":
         return {}
@@ -131,6 +145,7 @@ def build_engine(
     calib_cache: str | os.PathLike | None = None,
     dla_core: int | None = None,
     fp16_layers: Iterable[str] = (),
+    fp32_layers: Iterable[str] = (),
     standalone: bool = False,
     io_formats: dict[str, list[str]] | None = None,
 ) -> dict:
@@ -148,7 +163,7 @@ def build_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    report = _set_precision(trt, config, network, flavour, calib_cache, set(fp16_layers))
+    report = _set_precision(trt, config, network, flavour, calib_cache, set(fp16_layers), set(fp32_layers))
     if dla_core is not None:
         formats = (io_formats or io_formats_from_onnx(onnx_path)) if standalone else None
         report.update(_set_dla(trt, builder, config, network, dla_core, formats))

@@ -1,24 +1,41 @@
-"""Shared benchmark plumbing: the machine description, medians over repeats, peak RSS, JSON results."""
+"""Shared benchmark plumbing: the machine, the width-scaled `full` model and its input, timing, peak RSS, results."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from bevfusion_ext.datasets import SyntheticBEVDataset, collate
+from bevfusion_ext.models import reference_config
+from bevfusion_ext.models.config import SIZES
+
 RESULTS = Path(__file__).resolve().parent / "results"
+# The `full` model's channel knobs; full_at_width scales these and leaves depths, head counts and the scene alone.
+CHANNEL_KNOBS = ("neck_channels", "dtransform_channels", "camera_channels", "lidar_base_channels",
+                 "lidar_encoder_channels", "lidar_channels", "fuser_channels", "second_channels", "fpn_channels",
+                 "hidden_channel", "ffn_channel", "head_conv")
+CHANNEL_MULTIPLE = 8  # the pruning recipes' round_to, and the TransFusion attention's head count
+T = TypeVar("T")
 
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def threads_option(parser: argparse.ArgumentParser) -> None:
+    """--threads for torch's intra-op pool: at 1, a job on the other core cannot stall every op's thread barrier."""
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: a shared machine)")
 
 
 def peak_rss_mb() -> float:
@@ -29,15 +46,45 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def _scaled(value: Any, width: float, multiple: int) -> Any:
+    """A channel count (or nested tuple of them) times width, rounded to a positive multiple."""
+    if isinstance(value, tuple):
+        return tuple(_scaled(v, width, multiple) for v in value)
+    return max(multiple, round(value * width / multiple) * multiple)
+
+
+def width_knobs(width: float) -> dict[str, Any]:
+    """The `full` model's channel knobs times width; Swin's embed_dims rounds to a multiple of every stage's head
+    count and of CHANNEL_MULTIPLE (24 for `full`), the others to CHANNEL_MULTIPLE."""
+    full = SIZES["full"]
+    knobs = {knob: _scaled(full[knob], width, CHANNEL_MULTIPLE) for knob in CHANNEL_KNOBS}
+    knobs["embed_dims"] = _scaled(full["embed_dims"], width, math.lcm(CHANNEL_MULTIPLE, *full["num_heads"]))
+    return knobs
+
+
+def full_at_width(width: float) -> dict:
+    """The `full` reference config at a channel-width multiplier, so costs can be measured against model size."""
+    return reference_config("full", **width_knobs(width))
+
+
+def synthetic_batch(size: int) -> dict:
+    """The first `size` synthetic samples, collated: the same input for every model and repeat."""
+    ds = SyntheticBEVDataset(size)
+    return collate([ds[i] for i in range(size)])
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """fn's result and its wall time in seconds, for phases whose result is needed afterwards."""
+    tic = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - tic
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     """Median wall time of `fn` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
+    times = [timed(fn)[1] for _ in range(repeats)]
     return statistics.median(times), times
 
 

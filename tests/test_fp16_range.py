@@ -11,7 +11,8 @@ from helpers import ROOT, TINY
 from torch import nn
 
 from bevfusion_ext.compression import atomic_save
-from bevfusion_ext.export.fp16_range import AT_RISK_ABOVE, FP16_MAX, check, overflow_warning
+from bevfusion_ext.export import fp16_range
+from bevfusion_ext.export.fp16_range import AT_RISK_ABOVE, FP16_MAX, activation_ranges, check, overflow_warning
 from bevfusion_ext.export.parts import export_onnx
 from bevfusion_ext.export.pipeline import ExportOptions, run
 from bevfusion_ext.models import build_model, reference_config
@@ -47,6 +48,15 @@ def output_of(graph: onnx.ModelProto, layer: str) -> str:
 @pytest.fixture
 def x() -> torch.Tensor:
     return torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_ranges_tapped_in_small_runs_equal_one_run(x: torch.Tensor, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    graph = exported(Net(gain=3.0), x, tmp_path / "net.onnx")
+    whole = activation_ranges(graph, [{"x": x}])
+    monkeypatch.setattr(fp16_range, "TAP_BYTES", 8 * 8 * 8 * 4)  # one conv1 output per run: a large part in miniature
+    assert len(fp16_range._tap_chunks([r.tensor for r in whole if r.layer], fp16_range.graph_info(graph))) > 1
+    assert activation_ranges(graph, [{"x": x}]) == whole
 
 
 def test_scaled_layer_is_an_overflow_named_by_its_layer_and_value(x: torch.Tensor, tmp_path: Path) -> None:

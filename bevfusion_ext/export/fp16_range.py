@@ -13,6 +13,7 @@ the DLA has no FP32, so pinning them to FP32 means moving them to the GPU.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
@@ -31,6 +32,8 @@ FP16_MAX = 65504.0
 # The export sees a few samples; real inputs (other scenes, sensors, calibrations) go further. Under FP16_MAX / 8 a
 # tensor keeps 3 binades of headroom: it is called at risk only above that, i.e. when 8x the measured peak overflows.
 AT_RISK_ABOVE = FP16_MAX / 8
+# Layer outputs tapped per onnxruntime run: all of a full-size camera backbone's at once is over 10 GB.
+TAP_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,44 @@ def _tapped(model: onnx.ModelProto, tensors: Iterable[str], info: GraphInfo) -> 
     return out
 
 
+def _tap_chunks(tensors: list[str], info: GraphInfo) -> list[list[str]]:
+    """Split the tensors to tap into runs of at most TAP_BYTES of float32 outputs (unknown shapes count as full)."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for name in tensors:
+        shape = info.shape(name)
+        nbytes = 4 * math.prod(shape) if shape and None not in shape else TAP_BYTES
+        if chunks[-1] and size + nbytes > TAP_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += nbytes
+    return chunks
+
+
 def activation_ranges(model: onnx.ModelProto, feeds: Iterable[dict[str, torch.Tensor]]) -> list[TensorRange]:
     """max |x| of every float graph input and layer output of `model` over `feeds` (onnxruntime), in graph order."""
     info = graph_info(model)
     activations = _float_activations(model, info)
     peak, nonfinite = dict.fromkeys(activations, 0.0), dict.fromkeys(activations, False)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tapped.onnx"
-        onnx.save(_tapped(model, [t for t, layer in activations.items() if layer], info), str(path))
-        for feed in feeds:
-            values = {**run_onnx(path, feed), **{name: x.numpy() for name, x in feed.items()}}
-            for name in activations:
-                x = np.abs(values[name])
+    feeds = list(feeds)
+
+    def record(values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            if name in activations:
+                x = np.abs(value)
                 finite = np.isfinite(x)
                 peak[name] = max(peak[name], float(x[finite].max(initial=0.0)))
                 nonfinite[name] = nonfinite[name] or not finite.all()
+
+    for feed in feeds:
+        record({name: x.numpy() for name, x in feed.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tapped.onnx"
+        for chunk in _tap_chunks([t for t, layer in activations.items() if layer], info):
+            onnx.save(_tapped(model, chunk, info), str(path))
+            for feed in feeds:
+                record(run_onnx(path, feed))
     return [TensorRange(name, layer, peak[name], nonfinite[name]) for name, layer in activations.items()]
 
 

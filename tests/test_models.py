@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from bevfusion_ext.export.parity import run_onnx
+from bevfusion_ext.export.parts import export_onnx
 from bevfusion_ext.models import MODELS, BEVFusion, build_model, reference_config
-from bevfusion_ext.models.swin import WindowMSA
+from bevfusion_ext.models.swin import ShiftWindowMSA, WindowMSA
 from bevfusion_ext.models.vtransforms import bev_pool, gen_dx_bx
 
 IMAGE_SIZE = (96, 160)
@@ -182,6 +184,43 @@ def random_frustum(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     geom = torch.rand(2, 2, 3, 2, 3, 3, generator=g) * torch.tensor([6.0, 5.0, 3.0]) - torch.tensor([3.0, 2.0, 1.5])
     return geom, torch.randn(2, 2, 3, 2, 3, 5, generator=g)
+
+
+def mmdet_region_ids(Hp: int, Wp: int, ws: int, shift: int) -> torch.Tensor:
+    """mmdet's ShiftWindowMSA mask regions, written as it does: in-place writes over three slices per axis."""
+    region = torch.zeros(Hp, Wp)
+    spans = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    for i, (h, w) in enumerate((h, w) for h in spans for w in spans):
+        region[h, w] = i
+    return region
+
+
+@pytest.mark.parametrize(("Hp", "Wp"), [(7, 7), (7, 14), (14, 21)])
+def test_shifted_window_mask_equals_mmdet_regions(Hp: int, Wp: int) -> None:
+    msa = ShiftWindowMSA(32, 2, 7, 3)
+    ids = msa.window_partition(mmdet_region_ids(Hp, Wp, 7, 3)[None, :, :, None]).squeeze(-1)
+    diff = ids.unsqueeze(1) - ids.unsqueeze(2)
+    assert torch.equal(msa.attention_mask(Hp, Wp, torch.device("cpu")), diff.masked_fill(diff != 0, -100.0))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("hw", [(3, 5), (7, 7), (9, 16)])
+def test_shifted_window_attention_exports_and_matches_onnxruntime(hw: tuple[int, int], tmp_path) -> None:
+    """A padded grid of exactly one window once exported an empty ScatterND that onnxruntime rejects."""
+    class OnGrid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.msa = ShiftWindowMSA(32, 2, 7, 3)
+
+        def forward(self, query: torch.Tensor) -> torch.Tensor:
+            return self.msa(query, hw)
+
+    module = OnGrid().eval()
+    query = torch.randn(1, hw[0] * hw[1], 32, generator=torch.Generator().manual_seed(0))
+    export_onnx(module, {"query": query}, ("out",), tmp_path / "msa.onnx")
+    (out,) = run_onnx(tmp_path / "msa.onnx", {"query": query}).values()
+    with torch.no_grad():
+        np.testing.assert_allclose(out, module(query).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_bev_pool_scatter_add_matches_a_python_loop() -> None:

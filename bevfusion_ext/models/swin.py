@@ -108,10 +108,12 @@ class ShiftWindowMSA(nn.Module):
     def attention_mask(self, Hp: int, Wp: int, device: torch.device) -> torch.Tensor:
         """-100 between tokens that the cyclic shift made neighbours but are not neighbours in the image."""
         ws, shift = self.window_size, self.shift_size
-        region = torch.zeros(1, Hp, Wp, 1, device=device)
-        spans = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-        for i, (h, w) in enumerate((h, w) for h in spans for w in spans):
-            region[:, h, w, :] = i
+
+        def band(n: int) -> torch.Tensor:  # 0 / 1 / 2: [0, n-ws), [n-ws, n-shift), [n-shift, n); no in-place writes,
+            i = torch.arange(n, device=device)  # which exported as an empty ScatterND when a band is empty (n == ws)
+            return (i >= n - ws).long() + (i >= n - shift).long()
+
+        region = (3 * band(Hp)[:, None] + band(Wp)[None, :]).float()[None, :, :, None]
         ids = self.window_partition(region).squeeze(-1)
         diff = ids.unsqueeze(1) - ids.unsqueeze(2)
         return diff.masked_fill(diff != 0, -100.0)

@@ -71,8 +71,7 @@ def recipes() -> tuple[PruningRecipe, QuantizationRecipe]:
 
 def prune(model: torch.nn.Module, batch: dict, recipe: PruningRecipe) -> tuple[torch.nn.Module, dict]:
     """A copy pruned in one shot to the recipe's final ratios (scale searched for its target), and what was done."""
-    spec = core.PruningSpec(groups=dict(recipe.groups), importance=recipe.importance, round_to=recipe.round_to,
-                            protected=list(recipe.protected))
+    spec = recipe.spec()
     scale = core.scale_for_target(model, batch, spec, params_reduction=recipe.params_reduction,
                                   flops_reduction=recipe.flops_reduction)
     ratios = recipe.cumulative_ratios(recipe.schedule.num_events, scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .pruning.spec import IMPORTANCES, MAX_RATIO
+from .pruning.spec import IMPORTANCES, MAX_RATIO, PruningSpec
 from .quantization.spec import QuantSpec
 
 SHAPES = ("linear", "cubic")
@@ -53,6 +53,11 @@ class PruningRecipe:
     protected: tuple[str, ...] = ()
     params_reduction: float | None = None
     flops_reduction: float | None = None
+
+    def spec(self) -> PruningSpec:
+        """The core pruning spec this recipe prunes with (groups, importance, round_to, protected layers)."""
+        return PruningSpec(groups=dict(self.groups), importance=self.importance, round_to=self.round_to,
+                           protected=list(self.protected))
 
     def cumulative_ratios(self, events_done: int, scale: float) -> dict[str, float]:
         """Per-group fraction of the starting channels removed once `events_done` events have run."""

@@ -33,12 +33,7 @@ class ProgressivePruningHook(Hook):
         new_optimizer: Callable[[nn.Module], Any],
     ) -> None:
         self.recipe, self.example, self.rewrap, self.new_optimizer = recipe, example_batch, rewrap, new_optimizer
-        self.spec = core.PruningSpec(
-            groups=dict(recipe.groups),
-            importance=recipe.importance,
-            round_to=recipe.round_to,
-            protected=list(recipe.protected),
-        )
+        self.spec = recipe.spec()
 
     def _schedule_state(self, runner: Any) -> dict:
         return runner.compression_state.setdefault("schedule", {"events_done": 0})

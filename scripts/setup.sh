@@ -27,9 +27,15 @@ PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
 log "torch 2.14.1 + torchvision 0.29.1 (a matching pair; mmcv's runner imports torchvision)"
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
-log "mmcv 1.7.2 lite (no compiled ops)"
-"${PIP[@]}" "setuptools>=77,<81" wheel
-MMCV_WITH_OPS=0 "${PIP[@]}" --no-build-isolation "mmcv==1.7.2"
+log "BEVFusion's pinned OpenMMLab stack: mmcv 1.4.0 (built without compiled ops), mmdet 2.20.0, mmsegmentation 0.20.2"
+"${PIP[@]}" "setuptools>=77,<81" wheel "yapf==0.40.1" addict
+MMCV_WITH_OPS=0 "${PIP[@]}" --no-build-isolation "mmcv==1.4.0"
+# --no-deps: their requirement lists pull a CUDA mmcv-full or a newer numpy; what they import is listed below.
+"${PIP[@]}" --no-deps "mmdet==2.20.0" "mmsegmentation==0.20.2" nuscenes-devkit
+"${PIP[@]}" six scikit-learn cachetools parameterized terminaltables pycocotools pyquaternion shapely descartes numba "opencv-python-headless" prettytable \
+  "scikit-image" motmetrics
+log "spconv 2.x CPU build (the compute behind the sparse-conv stand-in; see bevfusion_ext/ops/)"
+"${PIP[@]}" "spconv==2.3.8"
 log "torchpack 0.3.1 without its CUDA dependencies, mpi4py"
 "${PIP[@]}" --no-deps "torchpack==0.3.1"
 "${PIP[@]}" loguru multimethod toml tqdm scipy pyyaml mpi4py

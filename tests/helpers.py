@@ -8,9 +8,26 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# The user's BEVFusion checkout the integration tests run on: $BEVFUSION_ROOT, else the snapshot beside the repo.
+BEVFUSION_ROOT = Path(os.environ.get("BEVFUSION_ROOT") or ROOT.parent / "shared/third_party/bevfusion").resolve()
+SWINT_DET = "configs/nuscenes/det/transfusion/secfpn/camera+lidar/swint_v0p075/convfuser.yaml"
+SYNTHETIC_CPU = "configs/bevfusion/synthetic_cpu.yaml"
+needs_bevfusion = pytest.mark.skipif(
+    not (BEVFUSION_ROOT / "mmdet3d/models/fusion_models").is_dir(),
+    reason=f"no BEVFusion checkout at {BEVFUSION_ROOT} (set BEVFUSION_ROOT to run the real-model tests)",
+)
+
+
+def use_bevfusion() -> None:
+    """Import the BEVFusion checkout in this process over the CPU op stand-ins, as `--cpu-ops` does."""
+    from bevfusion_ext.runner.upstream import prepare_bevfusion
+
+    os.environ.setdefault("BEVFUSION_ROOT", str(BEVFUSION_ROOT))
+    prepare_bevfusion(BEVFUSION_ROOT / SWINT_DET, cpu_ops=True)
 TINY = "configs/synthetic/multitask/tiny.yaml"
 # Small and deterministic: no stochastic depth / dropout, so an interrupted + resumed run can equal a straight one.
 FAST = [

@@ -11,6 +11,7 @@ from pathlib import Path
 from bevfusion_ext.compression import CheckpointError
 from bevfusion_ext.compression.state import CompressionStateError
 from bevfusion_ext.runner import ConfigError, analyze
+from bevfusion_ext.runner.upstream import CPU_OPS_HELP, prepare_bevfusion
 
 
 def parse() -> tuple[argparse.Namespace, list[str]]:
@@ -27,6 +28,7 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--importance", default="magnitude")
     parser.add_argument("--round-to", type=int, default=1)
     parser.add_argument("--out", type=Path, help="directory for the JSON result (and the sensitivity plot)")
+    parser.add_argument("--cpu-ops", action="store_true", help=CPU_OPS_HELP)
     return parser.parse_known_args()
 
 
@@ -58,6 +60,7 @@ def main() -> int:
     """Run the analysis; configuration and checkpoint problems are one-line errors."""
     args, opts = parse()
     try:
+        prepare_bevfusion(args.config, cpu_ops=args.cpu_ops)
         run(args, opts)
     except (ConfigError, CheckpointError, CompressionStateError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from bevfusion_ext.export.parts import PARTS
 from bevfusion_ext.export.pipeline import DEFAULT_TRT_VERSION, ExportCheckFailed, ExportError, ExportOptions, run
+from bevfusion_ext.runner.config import ConfigError
+from bevfusion_ext.runner.upstream import CPU_OPS_HELP, prepare_bevfusion
 
 
 def parse() -> ExportOptions:
@@ -31,7 +33,9 @@ def parse() -> ExportOptions:
     parser.add_argument("--build", action="store_true", help="also build the engines here if TensorRT and a GPU exist")
     parser.add_argument("--allow-dense", action="store_true", help="accept a checkpoint without compression state")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parity inputs")
+    parser.add_argument("--cpu-ops", action="store_true", help=CPU_OPS_HELP)
     args, overrides = parser.parse_known_args()
+    prepare_bevfusion(args.config, cpu_ops=args.cpu_ops)
     return ExportOptions(
         config=args.config,
         checkpoint=args.checkpoint,
@@ -57,11 +61,11 @@ def quiet() -> None:
 
 def main() -> int:
     """Run the export; input problems exit 2 and failed checks exit 1, both with one `error:` message."""
-    options = parse()
     quiet()
     try:
+        options = parse()
         report = run(options)
-    except ExportError as err:
+    except (ExportError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ExportCheckFailed as err:

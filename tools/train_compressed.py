@@ -11,6 +11,7 @@ from bevfusion_ext.compression.state import CompressionStateError
 from bevfusion_ext.runner import ConfigError, RankMismatchError, train
 from bevfusion_ext.runner.hooks import NonFiniteError
 from bevfusion_ext.runner.quantization import NonFiniteAmaxError
+from bevfusion_ext.runner.upstream import CPU_OPS_HELP, prepare_bevfusion
 
 
 def main() -> int:
@@ -25,8 +26,10 @@ def main() -> int:
         default=[],
         help="compression recipe YAML merged over the config (repeatable), e.g. configs/compression/...",
     )
+    parser.add_argument("--cpu-ops", action="store_true", help=CPU_OPS_HELP)
     args, opts = parser.parse_known_args()
     try:
+        prepare_bevfusion(args.config, cpu_ops=args.cpu_ops)
         train(args.config, opts, args.run_dir, args.recipe)
     except (ConfigError, CheckpointError, CompressionStateError, RankMismatchError, NonFiniteError,
             NonFiniteAmaxError) as err:

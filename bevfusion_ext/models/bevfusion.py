@@ -18,9 +18,12 @@ from .registry import MODELS, build_model
 HEAD_NAMES = ("object", "map")
 
 
-@MODELS.register_module()
+@MODELS.register_module(name="ReferenceBEVFusion")
 class BEVFusion(BaseModule):
-    """Multi-sensor multi-task BEV model with mmdet's train_step / val_step contract."""
+    """Multi-sensor multi-task BEV model with mmdet's train_step / val_step contract.
+
+    Registered as `ReferenceBEVFusion` so a config names either this stand-in or BEVFusion's own `BEVFusion`.
+    """
 
     def __init__(self, encoders: Mapping[str, Any], fuser: Mapping[str, Any] | None, decoder: Mapping[str, Any],
                  heads: Mapping[str, Any], loss_scale: Mapping[str, float] | None = None) -> None:

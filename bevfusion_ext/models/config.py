@@ -119,7 +119,7 @@ def _model_config(k: dict) -> dict:
     """Assemble the BEVFusion config from resolved knobs."""
     second = list(k["second_channels"])
     return dict(
-        type="BEVFusion",
+        type="ReferenceBEVFusion",
         encoders=dict(camera=_camera(k), lidar=_lidar(k)),
         fuser=dict(type="ConvFuser", in_channels=[k["camera_channels"], k["lidar_channels"]],
                    out_channels=k["fuser_channels"]),

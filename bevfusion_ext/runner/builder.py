@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
+from urllib.error import URLError
 
 import torch
 from mmcv.parallel import collate as mmcv_collate
@@ -13,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..datasets import SyntheticBEVDataset, collate
 from ..models import MODELS
 from .config import ConfigSources
+from .parallel import unwrap_batch
+from .upstream import import_bevfusion
 
 DATASETS = Registry("bevfusion_ext_datasets")
 
@@ -24,46 +28,84 @@ class RegisteredSyntheticBEVDataset(SyntheticBEVDataset):
     collate = staticmethod(collate)
 
 
+# mmdet3d's dataset wrappers: built by mmdet3d.datasets.build_dataset itself, the real type sits in `dataset`
+_WRAPPERS = {"CBGSDataset": "dataset", "RepeatDataset": "dataset", "ClassBalancedDataset": "dataset",
+             "ConcatDataset": "datasets"}
+
+
 def _mmdet3d_registries() -> tuple[Registry | None, Registry | None]:
-    """BEVFusion's own model and dataset registries when its mmdet3d fork is importable."""
-    try:
-        from mmdet3d.datasets.builder import DATASETS as MMDET3D_DATASETS
-        from mmdet3d.models.builder import FUSIONMODELS
-    except ImportError:
+    """BEVFusion's own model and dataset registries when its mmdet3d fork is importable (imported on first use)."""
+    if import_bevfusion() is None:
         return None, None
+    from mmdet3d.datasets.builder import DATASETS as MMDET3D_DATASETS
+    from mmdet3d.models.builder import FUSIONMODELS
+
     return FUSIONMODELS, MMDET3D_DATASETS
 
 
-def _pick_registry(cfg: dict, key: str, ours: Registry, theirs: Registry | None, sources: ConfigSources) -> Registry:
+def _pick_registry(cfg: dict, key: str, ours: Registry, which: int, sources: ConfigSources) -> Registry:
+    """Our registry when it knows the type (reference model, synthetic data), else BEVFusion's mmdet3d's."""
     kind = cfg["type"]
-    for registry in (ours, theirs):
-        if registry is not None and registry.get(kind) is not None:
-            return registry
+    if ours.get(kind) is not None:
+        return ours
+    theirs = _mmdet3d_registries()[which]
+    if theirs is not None and theirs.get(kind) is not None:
+        return theirs
     known = sorted(ours.module_dict) + (sorted(theirs.module_dict) if theirs is not None else [])
-    raise sources.error(f"{key}.type", f"unknown type '{kind}'", f"Use one of: {', '.join(known)}.")
+    hint = "" if theirs is not None else " (no BEVFusion mmdet3d found: set BEVFUSION_ROOT to your checkout)"
+    raise sources.error(f"{key}.type", f"unknown type '{kind}'{hint}", f"Use one of: {', '.join(known)}.")
+
+
+def _dataset_leaf(cfg: dict, key: str) -> tuple[dict, str]:
+    """The innermost dataset config under mmdet3d's wrappers (CBGSDataset etc.) and its dotted key."""
+    while cfg.get("type") in _WRAPPERS:
+        field = _WRAPPERS[cfg["type"]]
+        cfg, key = (cfg[field][0], f"{key}.{field}[0]") if field == "datasets" else (cfg[field], f"{key}.{field}")
+    return cfg, key
 
 
 def check_registered(cfg: dict, sources: ConfigSources) -> None:
     """Fail before training when the model or a dataset names a type no registry knows."""
-    models, datasets = _mmdet3d_registries()
-    _pick_registry(cfg["model"], "model", MODELS, models, sources)
+    _pick_registry(cfg["model"], "model", MODELS, 0, sources)
     for split in ("train", "val"):
-        _pick_registry(cfg["data"][split], f"data.{split}", DATASETS, datasets, sources)
+        leaf, key = _dataset_leaf(cfg["data"][split], f"data.{split}")
+        _pick_registry(leaf, key, DATASETS, 1, sources)
 
 
 def build_model(cfg: dict, sources: ConfigSources, init_weights: bool = True) -> nn.Module:
     """Build the model from `cfg['model']` and (for training) run its weight init, as BEVFusion's train.py does."""
-    registry = _pick_registry(cfg["model"], "model", MODELS, _mmdet3d_registries()[0], sources)
-    model = build_from_cfg(dict(cfg["model"]), registry)
+    registry = _pick_registry(cfg["model"], "model", MODELS, 0, sources)
+    try:
+        if registry is MODELS:
+            model = build_from_cfg(dict(cfg["model"]), registry)
+        else:
+            from mmdet3d.models import build_model as build_bevfusion_model
+
+            model = build_bevfusion_model(copy.deepcopy(cfg["model"]))
+    except (TypeError, KeyError, ValueError, AssertionError, URLError) as err:
+        raise sources.error("model", f"building {cfg['model']['type']} failed: {err}",
+                            "Fix the module's arguments (a download needs a local file or null).") from None
     if init_weights and hasattr(model, "init_weights"):
         model.init_weights()
     return model
 
 
 def build_dataset(cfg: dict, key: str, sources: ConfigSources) -> Dataset:
-    """Build one dataset split from its config dict."""
-    registry = _pick_registry(cfg, key, DATASETS, _mmdet3d_registries()[1], sources)
-    return build_from_cfg(dict(cfg), registry)
+    """Build one dataset split from its config dict (mmdet3d's build_dataset for BEVFusion's types and wrappers;
+    splits other than data.train in test mode, as BEVFusion's train_model builds data.val)."""
+    leaf, leaf_key = _dataset_leaf(cfg, key)
+    registry = _pick_registry(leaf, leaf_key, DATASETS, 1, sources)
+    if registry is DATASETS:
+        return build_from_cfg(dict(cfg), registry)
+    from mmdet3d.datasets import build_dataset as build_bevfusion_dataset
+
+    cfg = copy.deepcopy(cfg)
+    cfg.pop("samples_per_gpu", None)  # BEVFusion's train_model pops it from data.val
+    try:
+        return build_bevfusion_dataset(cfg, None if key.startswith("data.train") else dict(test_mode=True))
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
+        raise sources.error(key, f"building the dataset failed: {err}",
+                            "Check dataset_root / ann_file and the dataset arguments.") from None
 
 
 def build_dataloader(
@@ -86,6 +128,6 @@ def build_dataloader(
 
 
 def example_batch(dataset: Dataset, n: int) -> dict:
-    """The first `n` samples collated: identical on every rank, used to trace the model for pruning."""
-    collate_fn = getattr(dataset, "collate", mmcv_collate)
-    return collate_fn([dataset[i] for i in range(n)])
+    """The first `n` samples collated and unwrapped: identical on every rank, used to trace the model for pruning."""
+    collate_fn = getattr(dataset, "collate", partial(mmcv_collate, samples_per_gpu=n))
+    return unwrap_batch(collate_fn([dataset[i] for i in range(n)]))

@@ -68,14 +68,15 @@ def _read_yaml(path: Path) -> dict:
 
 
 def recursive_eval(obj: Any, scope: dict, sources: ConfigSources, key: str = "") -> Any:
-    """Evaluate BEVFusion's `${expr}` strings against the whole config, as mmdet3d.utils.recursive_eval does."""
+    """Evaluate BEVFusion's `${expr}` strings as mmdet3d.utils.recursive_eval does: against one copy of the merged,
+    unevaluated torchpack config, whose attribute access (`${augment2d.resize[0]}`) the expressions rely on."""
     if isinstance(obj, dict):
         return {k: recursive_eval(v, scope, sources, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [recursive_eval(v, scope, sources, f"{key}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, str) and obj.startswith("${") and obj.endswith("}"):
         try:
-            value = eval(obj[2:-1], copy.deepcopy(scope))  # noqa: S307 - BEVFusion configs are code by design
+            value = eval(obj[2:-1], scope)  # noqa: S307 - BEVFusion configs are code by design
         except Exception as err:  # noqa: BLE001 - any failure of a user expression is a config error
             raise sources.error(
                 key.split("[")[0],
@@ -105,8 +106,7 @@ def load_config(
     cli_keys = _cli_keys(opts)
     merged.update(opts)
     sources = ConfigSources(chain=chain, cli_keys=cli_keys, layers=layers)
-    plain = merged.dict()
-    cfg = Config(recursive_eval(plain, plain, sources), filename=str(path))
+    cfg = Config(recursive_eval(merged, copy.deepcopy(merged), sources), filename=str(path))
     return cfg, sources
 
 

@@ -28,6 +28,7 @@ from .parallel import DistributedDataParallel
 from .pruning import ProgressivePruningHook
 from .quantization import QuantizationHook
 from .runner import CompressionEpochBasedRunner
+from .upstream import prepare_bevfusion
 
 LOGGER_NAME = "bevfusion_ext"
 
@@ -68,6 +69,7 @@ def _shared_run_dir(config_path: str, run_dir: str | None) -> Path:
 
 def prepare_config(config_path: str, opts: list[str], recipes: list[str] = ()) -> tuple[Config, ConfigSources]:
     """Load (config tree, then recipe files, then overrides), evaluate and validate before any process group exists."""
+    prepare_bevfusion(config_path)
     cfg, sources = load_config(config_path, opts, extra_files=list(recipes))
     validate_config(cfg, sources)
     check_registered(cfg, sources)
@@ -112,7 +114,7 @@ def _configure_wandb(cfg: Config, run_dir: Path) -> None:
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) or hasattr(obj, "tensor"):  # tensors and mmdet3d's box / point structures
         return obj.to(device)
     if isinstance(obj, list):
         return [_to_device(o, device) for o in obj]
@@ -245,7 +247,7 @@ def _register_eval(runner: CompressionEpochBasedRunner, cfg: Config, sources: Co
     val_set = build_dataset(cfg.data.val, "data.val", sources)
     loader = build_dataloader(
         val_set,
-        cfg.data.get("val_samples_per_gpu", cfg.data.samples_per_gpu),
+        cfg.data.val.get("samples_per_gpu", cfg.data.get("val_samples_per_gpu", cfg.data.samples_per_gpu)),
         cfg.data.workers_per_gpu,
         False,
         cfg.get("seed"),

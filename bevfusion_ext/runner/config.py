@@ -87,13 +87,29 @@ def recursive_eval(obj: Any, scope: dict, sources: ConfigSources, key: str = "")
     return obj
 
 
-def load_config(
-    path: str | Path, opts: list[str] | None = None, extra_files: list[str | Path] = ()
-) -> tuple[Config, ConfigSources]:
-    """Load a BEVFusion YAML config tree, merge extra files (recipes) and `--a.b value` overrides, then eval it."""
+def split_recipes(opts: list[str]) -> tuple[list[str], list[str]]:
+    """Take the `--recipe FILE` options (YAML files merged over the config, in order) out of the overrides."""
+    files, rest, i = [], [], 0
+    while i < len(opts):
+        if opts[i] == "--recipe" and i + 1 < len(opts):
+            files.append(opts[i + 1])
+            i += 2
+            continue
+        if opts[i].startswith("--recipe="):
+            files.append(opts[i].split("=", 1)[1])
+        else:
+            rest.append(opts[i])
+        i += 1
+    return files, rest
+
+
+def load_config(path: str | Path, opts: list[str] | None = None) -> tuple[Config, ConfigSources]:
+    """Load a BEVFusion YAML config tree, merge `--recipe FILE`s (compression recipes, data/size overlays) and then
+    `--a.b value` overrides, and evaluate it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path}: no such file. Pass a YAML file under configs/.")
+    extra_files, opts = split_recipes(list(opts or []))
     chain = config_chain(path) + [Path(p) for p in extra_files]
     for extra in chain:
         if not extra.is_file():
@@ -102,7 +118,6 @@ def load_config(
     merged = TorchpackConfig()
     for layer in layers:
         merged.update(layer)
-    opts = list(opts or [])
     cli_keys = _cli_keys(opts)
     merged.update(opts)
     sources = ConfigSources(chain=chain, cli_keys=cli_keys, layers=layers)

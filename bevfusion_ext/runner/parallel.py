@@ -26,6 +26,12 @@ class DistributedDataParallel(MMDistributedDataParallel):
     """MMDistributedDataParallel that unwraps DataContainers on the CPU and no longer reads a DDP attribute torch
     2.x removed (eval forward)."""
 
+    def _sync_params(self) -> None:
+        """What mmcv 1.4's train_step calls and torch 2.x removed: parameters are only broadcast at construction
+        now, so only buffers are left to sync (and only when broadcast_buffers is on; BEVFusion turns it off)."""
+        if self.broadcast_buffers:
+            self._sync_buffers()
+
     def train_step(self, *inputs: Any, **kwargs: Any) -> Any:
         """mmcv's train_step, with the batch unwrapped when there is no device to scatter to."""
         if not self.device_ids:

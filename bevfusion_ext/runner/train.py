@@ -67,10 +67,11 @@ def _shared_run_dir(config_path: str, run_dir: str | None) -> Path:
     return path
 
 
-def prepare_config(config_path: str, opts: list[str], recipes: list[str] = ()) -> tuple[Config, ConfigSources]:
-    """Load (config tree, then recipe files, then overrides), evaluate and validate before any process group exists."""
+def prepare_config(config_path: str, opts: list[str]) -> tuple[Config, ConfigSources]:
+    """Load (config tree, then `--recipe` files, then overrides), evaluate and validate before any process group
+    exists."""
     prepare_bevfusion(config_path)
-    cfg, sources = load_config(config_path, opts, extra_files=list(recipes))
+    cfg, sources = load_config(config_path, opts)
     validate_config(cfg, sources)
     check_registered(cfg, sources)
     compression_recipe(cfg, sources)
@@ -123,9 +124,9 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def train(config_path: str, opts: list[str], run_dir: str | None = None, recipes: list[str] = ()) -> Path:
+def train(config_path: str, opts: list[str], run_dir: str | None = None) -> Path:
     """Run BEVFusion-style distributed training (with the config's compression recipe); returns the run directory."""
-    cfg, sources = prepare_config(config_path, opts, recipes)
+    cfg, sources = prepare_config(config_path, opts)
     recipe = compression_recipe(cfg, sources)
     init_distributed()
     _seed_everything(cfg.get("seed"))

@@ -34,8 +34,6 @@ MMCV_WITH_OPS=0 "${PIP[@]}" --no-build-isolation "mmcv==1.4.0"
 "${PIP[@]}" --no-deps "mmdet==2.20.0" "mmsegmentation==0.20.2" nuscenes-devkit
 "${PIP[@]}" six scikit-learn cachetools parameterized terminaltables pycocotools pyquaternion shapely descartes numba "opencv-python-headless" prettytable \
   "scikit-image" motmetrics
-log "spconv 2.x CPU build (the compute behind the sparse-conv stand-in; see bevfusion_ext/ops/)"
-"${PIP[@]}" "spconv==2.3.8"
 log "torchpack 0.3.1 without its CUDA dependencies, mpi4py"
 "${PIP[@]}" --no-deps "torchpack==0.3.1"
 "${PIP[@]}" loguru multimethod toml tqdm scipy pyyaml mpi4py

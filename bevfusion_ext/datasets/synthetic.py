@@ -19,14 +19,30 @@ from .evaluation import evaluate_detection, evaluate_segmentation
 
 GROUND_OTHER, GROUND_ROAD, GROUND_WALKWAY = 0, 1, 2
 MAP_CLASS_TO_GROUND = {"drivable_area": GROUND_ROAD, "walkway": GROUND_WALKWAY}
-OBJECT_SIZES = {"car": (4.5, 1.9, 1.6), "pedestrian": (0.7, 0.7, 1.75), "barrier": (0.5, 2.5, 1.0)}
-OBJECT_FREQUENCY = {"car": 0.5, "pedestrian": 0.3, "barrier": 0.2}
+# (l, w, h); the classes after barrier are nuScenes' other detection classes at their mean sizes
+OBJECT_SIZES = {"car": (4.5, 1.9, 1.6), "pedestrian": (0.7, 0.7, 1.75), "barrier": (0.5, 2.5, 1.0),
+                "truck": (6.9, 2.5, 2.8), "construction_vehicle": (6.4, 2.8, 3.2), "bus": (11.0, 2.9, 3.5),
+                "trailer": (12.0, 2.9, 3.9), "motorcycle": (2.1, 0.8, 1.5), "bicycle": (1.7, 0.6, 1.3),
+                "traffic_cone": (0.4, 0.4, 1.1)}
+# relative weights, normalised over the requested classes
+OBJECT_FREQUENCY = {"car": 0.5, "pedestrian": 0.3, "barrier": 0.2, "truck": 0.1, "construction_vehicle": 0.05,
+                    "bus": 0.05, "trailer": 0.05, "motorcycle": 0.06, "bicycle": 0.06, "traffic_cone": 0.12}
+# road users drive in a lane: their centre stays this far inside the road edge; others stand on walkways / edges
+LANE_MARGIN = {"car": 1.2, "truck": 1.5, "construction_vehicle": 1.6, "bus": 1.7, "trailer": 1.7, "motorcycle": 0.8,
+               "bicycle": 0.8}
 
 # Linear RGB in [0, 1]. Object colours differ in hue from each other and from the ground so classes stay separable.
 PALETTE = {
     "car": (0.85, 0.12, 0.12),
     "pedestrian": (0.70, 0.20, 0.85),
     "barrier": (0.95, 0.80, 0.10),
+    "truck": (0.10, 0.20, 0.80),
+    "construction_vehicle": (0.95, 0.45, 0.05),
+    "bus": (0.05, 0.75, 0.75),
+    "trailer": (0.45, 0.10, 0.95),
+    "motorcycle": (0.90, 0.15, 0.55),
+    "bicycle": (0.15, 0.85, 0.25),
+    "traffic_cone": (0.60, 0.95, 0.05),
     "road": (0.32, 0.32, 0.34),
     "walkway": (0.68, 0.64, 0.58),
     "other": (0.30, 0.48, 0.24),
@@ -35,7 +51,8 @@ PALETTE = {
 }
 GROUND_COLORS = np.array([PALETTE["other"], PALETTE["road"], PALETTE["walkway"]])
 GROUND_INTENSITY = np.array([0.10, 0.20, 0.35])
-OBJECT_INTENSITY = {"car": 0.80, "pedestrian": 0.50, "barrier": 0.95}
+OBJECT_INTENSITY = {"car": 0.80, "pedestrian": 0.50, "barrier": 0.95, "truck": 0.75, "construction_vehicle": 0.85,
+                    "bus": 0.70, "trailer": 0.65, "motorcycle": 0.60, "bicycle": 0.55, "traffic_cone": 0.90}
 LIGHT_DIR = np.array([0.35, 0.25, 0.90]) / np.linalg.norm([0.35, 0.25, 0.90])
 IMG_MEAN = np.array([0.506, 0.561, 0.631], dtype=np.float32)  # per-channel statistics of 100 default-config samples
 IMG_STD = np.array([0.167, 0.215, 0.310], dtype=np.float32)
@@ -196,21 +213,23 @@ def _sample_roads(rng: np.random.Generator) -> list[Road]:
     return roads
 
 
-def _propose_object(rng: np.random.Generator, name: str, roads: list[Road]) -> tuple[np.ndarray, np.ndarray, int]:
-    """A candidate box placed by class rules, plus a probe point and the ground class it must lie on."""
+def _propose_object(rng: np.random.Generator, name: str, roads: list[Road],
+                    half_length: float = ROAD_HALF_LENGTH) -> tuple[np.ndarray, np.ndarray, int]:
+    """A candidate box placed by class rules (within half_length along its road), plus a probe point and the ground
+    class it must lie on."""
     road = roads[rng.integers(len(roads))]
     size = np.array(OBJECT_SIZES[name]) * rng.uniform(0.9, 1.1, 3)
     side = 1.0 if rng.random() < 0.5 else -1.0
-    if name == "car":  # right-hand traffic: the left half of the road drives against the road axis
-        lat = side * rng.uniform(0.0, road.width / 2 - 1.2)
+    if name in LANE_MARGIN:  # right-hand traffic: the left half of the road drives against the road axis
+        lat = side * rng.uniform(0.0, road.width / 2 - LANE_MARGIN[name])
         yaw, probe_lat, need = road.yaw + (np.pi if side > 0 else 0.0) + rng.normal(0.0, 0.05), lat, GROUND_ROAD
     elif name == "pedestrian":
         lat = side * (road.width / 2 + rng.uniform(0.4, road.walkway - 0.4))
         yaw, probe_lat, need = rng.uniform(-np.pi, np.pi), lat, GROUND_WALKWAY
-    else:  # barrier: long side (its width) along the road edge
+    else:  # barrier (traffic cone alike): long side (its width) along the road edge
         lat = side * (road.width / 2 + rng.uniform(-0.2, 0.4))
         yaw, probe_lat, need = road.yaw + np.pi / 2 + rng.normal(0.0, 0.05), lat + side * 0.8, GROUND_WALKWAY
-    along = rng.uniform(-ROAD_HALF_LENGTH, ROAD_HALF_LENGTH)
+    along = rng.uniform(-half_length, half_length)
     axis = np.array([math.cos(road.yaw), math.sin(road.yaw)])
     normal = np.array([-axis[1], axis[0]])
     centre = along * axis + (road.offset + lat) * normal
@@ -248,8 +267,9 @@ def distance_to_footprint(box: np.ndarray, xy: Sequence[float] = (0.0, 0.0)) -> 
 
 
 def generate_scene(rng: np.random.Generator, object_classes: Sequence[str], bev_limit: float,
-                   min_objects: int, max_objects: int) -> Scene:
-    """Roads plus reject-sampled, non-overlapping objects whose centres satisfy |x|, |y| <= bev_limit."""
+                   min_objects: int, max_objects: int, road_half_length: float = ROAD_HALF_LENGTH) -> Scene:
+    """Roads plus reject-sampled, non-overlapping objects whose centres satisfy |x|, |y| <= bev_limit and lie within
+    road_half_length of their road's centre along it."""
     roads = _sample_roads(rng)
     scene = Scene(roads, np.zeros((0, 7)), np.zeros(0, dtype=np.int64), tuple(object_classes))
     freq = np.array([OBJECT_FREQUENCY[c] for c in object_classes])
@@ -259,7 +279,7 @@ def generate_scene(rng: np.random.Generator, object_classes: Sequence[str], bev_
         if len(boxes) >= target:
             break
         label = int(rng.choice(len(freq), p=freq / freq.sum()))
-        box, probe, need = _propose_object(rng, object_classes[label], roads)
+        box, probe, need = _propose_object(rng, object_classes[label], roads, road_half_length)
         if (np.abs(box[:2]).max() <= bev_limit and distance_to_footprint(box) > EGO_CLEARANCE
                 and scene.ground_class(probe) == need and not any(footprints_overlap(box, b, BOX_GAP) for b in boxes)):
             boxes.append(box)
@@ -272,14 +292,19 @@ def generate_scene(rng: np.random.Generator, object_classes: Sequence[str], bev_
 # ------------------------------------------------------------------------------------------------------ sensors
 
 
+def map_masks(scene: Scene, map_classes: Sequence[str], xy: np.ndarray) -> np.ndarray:
+    """{0, 1} float32 masks [C, ...] of the map classes at ego-frame points xy [..., 2] (any grid layout)."""
+    ground = scene.ground_class(xy)
+    return np.stack([ground == MAP_CLASS_TO_GROUND[c] for c in map_classes]).astype(np.float32)
+
+
 def rasterise_map(scene: Scene, map_classes: Sequence[str], map_bound: tuple[float, float, float]) -> np.ndarray:
     """{0, 1} masks [C, n, n] sampled at cell centres; row = y, col = x, row/col 0 at map_bound[0]."""
     lo, hi, cell = map_bound
     n = int(round((hi - lo) / cell))
     centres = lo + (np.arange(n) + 0.5) * cell
     yy, xx = np.meshgrid(centres, centres, indexing="ij")
-    ground = scene.ground_class(np.stack([xx, yy], axis=-1))
-    return np.stack([ground == MAP_CLASS_TO_GROUND[c] for c in map_classes]).astype(np.float32)
+    return map_masks(scene, map_classes, np.stack([xx, yy], axis=-1))
 
 
 def _face_colours(scene: Scene) -> np.ndarray:
@@ -364,6 +389,12 @@ def lidar_directions(num_beams: int, points_per_beam: int) -> np.ndarray:
 def simulate_lidar(scene: Scene, rng: np.random.Generator, dirs: np.ndarray,
                    point_cloud_range: Sequence[float]) -> np.ndarray:
     """Exact ground/box ray casting from LIDAR_ORIGIN with range noise; [P, 4] float32 (x, y, z, intensity)."""
+    return simulate_lidar_hits(scene, rng, dirs, point_cloud_range)[0]
+
+
+def simulate_lidar_hits(scene: Scene, rng: np.random.Generator, dirs: np.ndarray,
+                        point_cloud_range: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """simulate_lidar's points plus, per point, the index of the box it hit (-1: ground), for per-box point counts."""
     t, hit_box = _cast(LIDAR_ORIGIN, dirs, scene.boxes)
     keep = np.isfinite(t)
     t, hit_box, dirs = t[keep], hit_box[keep], dirs[keep]
@@ -374,10 +405,24 @@ def simulate_lidar(scene: Scene, rng: np.random.Generator, dirs: np.ndarray,
     intensity = np.clip(intensity + 0.03 * rng.standard_normal(len(t)), 0.0, 1.0)
     lo, hi = np.asarray(point_cloud_range[:3]), np.asarray(point_cloud_range[3:])
     inside = ((xyz >= lo) & (xyz < hi)).all(axis=1)
-    return np.concatenate([xyz[inside], intensity[inside, None]], axis=1).astype(np.float32)
+    return np.concatenate([xyz[inside], intensity[inside, None]], axis=1).astype(np.float32), hit_box[inside]
 
 
 # ------------------------------------------------------------------------------------------------------ dataset
+
+
+def check_classes(object_classes: Sequence[str], map_classes: Sequence[str]) -> None:
+    """Fail early, listing what the synthetic world has, when asked for classes it cannot generate."""
+    unknown = set(object_classes) - set(OBJECT_SIZES) | set(map_classes) - set(MAP_CLASS_TO_GROUND)
+    if unknown:
+        raise ValueError(f"unsupported classes {sorted(unknown)}; objects: {sorted(OBJECT_SIZES)}, "
+                         f"map: {sorted(MAP_CLASS_TO_GROUND)}")
+
+
+def sample_rngs(seed: int, split: str, index: int) -> list[np.random.Generator]:
+    """Independent streams (scene, camera noise, lidar noise) of sample `index`: a pure function of its arguments."""
+    seq = np.random.SeedSequence([seed, zlib.crc32(split.encode()), index])
+    return [np.random.default_rng(s) for s in seq.spawn(3)]
 
 
 class SyntheticBEVDataset(Dataset):
@@ -390,10 +435,7 @@ class SyntheticBEVDataset(Dataset):
                  map_bound: tuple[float, float, float] = (-25.6, 25.6, 0.8),
                  image_size: tuple[int, int] = (96, 160), num_cameras: int = 4, num_beams: int = 32,
                  points_per_beam: int = 360, min_objects: int = 4, max_objects: int = 12) -> None:
-        unknown = set(object_classes) - set(OBJECT_SIZES) | set(map_classes) - set(MAP_CLASS_TO_GROUND)
-        if unknown:
-            raise ValueError(f"unsupported classes {sorted(unknown)}; objects: {sorted(OBJECT_SIZES)}, "
-                             f"map: {sorted(MAP_CLASS_TO_GROUND)}")
+        check_classes(object_classes, map_classes)
         self.num_samples, self.seed, self.split = num_samples, seed, split
         self.CLASSES = tuple(object_classes)
         self._map_classes = tuple(map_classes)
@@ -419,15 +461,11 @@ class SyntheticBEVDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def _rngs(self, index: int) -> list[np.random.Generator]:
-        """Independent streams (scene, camera noise, lidar noise) so GT can be regenerated without rendering."""
-        seq = np.random.SeedSequence([self.seed, zlib.crc32(self.split.encode()), index])
-        return [np.random.default_rng(s) for s in seq.spawn(3)]
-
     def scene(self, index: int) -> Scene:
         """The scene description of sample `index` (cheap: no rendering)."""
         bev_limit = min(abs(v) for v in self.point_cloud_range[:2] + self.point_cloud_range[3:5]) - RANGE_MARGIN
-        return generate_scene(self._rngs(index)[0], self.CLASSES, bev_limit, self.min_objects, self.max_objects)
+        return generate_scene(sample_rngs(self.seed, self.split, index)[0], self.CLASSES, bev_limit,
+                              self.min_objects, self.max_objects)
 
     def gt_masks(self, index: int) -> np.ndarray:
         """Ground-truth BEV masks [C_map, Hm, Wm] of sample `index`."""
@@ -435,7 +473,7 @@ class SyntheticBEVDataset(Dataset):
 
     def _generate(self, index: int) -> dict[str, np.ndarray]:
         """Render one sample into compact arrays (uint8 images) for the cache."""
-        _, cam_rng, lidar_rng = self._rngs(index)
+        _, cam_rng, lidar_rng = sample_rngs(self.seed, self.split, index)
         scene = self.scene(index)
         return {
             "img": render_cameras(scene, self.rig, cam_rng, self._camera_rays),

@@ -17,10 +17,10 @@ from pathlib import Path
 
 # extension module -> the stand-in module that implements it (None: not needed by the supported configs)
 EXTENSIONS: dict[str, str | None] = {
-    "mmdet3d.ops.bev_pool.bev_pool_ext": None,
-    "mmdet3d.ops.voxel.voxel_layer": None,
-    "mmdet3d.ops.spconv.sparse_conv_ext": None,
-    "mmdet3d.ops.iou3d.iou3d_cuda": None,
+    "mmdet3d.ops.bev_pool.bev_pool_ext": "bevfusion_ext.ops.bev_pool",
+    "mmdet3d.ops.voxel.voxel_layer": "bevfusion_ext.ops.voxel",
+    "mmdet3d.ops.spconv.sparse_conv_ext": "bevfusion_ext.ops.sparse_conv",
+    "mmdet3d.ops.iou3d.iou3d_cuda": "bevfusion_ext.ops.iou3d",
     "mmdet3d.ops.ball_query.ball_query_ext": None,
     "mmdet3d.ops.furthest_point_sample.furthest_point_sample_ext": None,
     "mmdet3d.ops.gather_points.gather_points_ext": None,

@@ -87,6 +87,8 @@ def import_bevfusion() -> ModuleType | None:
             "Set BEVFUSION_ROOT to your BEVFusion checkout."
         )
     from ..datasets.bevfusion_format import register_bevfusion_datasets
+    from ..ops.cuda_calls import keep_cuda_calls_on_cpu
 
+    keep_cuda_calls_on_cpu()
     register_bevfusion_datasets()
     return mmdet3d

@@ -28,14 +28,13 @@ from common import save, write_section
 from quality_plots import plot_kept_ratios, plot_sensitivity, plot_tradeoff
 
 from bevfusion_ext.compression.analysis import eval_forward
-from bevfusion_ext.compression.pruning import auto_protected, count_params_flops
+from bevfusion_ext.compression.pruning import auto_protected, count_params_flops, training_loss
 from bevfusion_ext.compression.pruning.counting import channel_layers
 from bevfusion_ext.compression.pruning.protection import protected_modules
 from bevfusion_ext.compression.pruning.spec import owner
 from bevfusion_ext.compression.quantization import layer_sensitivity
 from bevfusion_ext.runner.analyze import load_for_analysis
 from bevfusion_ext.runner.builder import build_dataloader, build_dataset
-from bevfusion_ext.runner.pruning import training_loss
 from bevfusion_ext.runner.rebuild import load_compressed_model
 from bevfusion_ext.runner.report import HEADLINE, read_jsonl
 from bevfusion_ext.runner.train import compression_recipe, prepare_config

@@ -21,6 +21,7 @@ import onnxsim
 import torch
 from torch import nn
 
+from ..compression.pruning.counting import call_model
 from ..compression.quantization import export_qdq_onnx
 from ..compression.quantization.backend import WEIGHT
 from ..compression.quantization.meta import META_ATTR, quantizers
@@ -300,7 +301,7 @@ def capture(model: nn.Module, sample: dict) -> Activations:
 
     hooks = [model.get_submodule(path).register_forward_hook(keep(path)) for path in TAPPED if _has(model, path)]
     try:
-        model.eval()(return_loss=False, **sample)
+        call_model(model.eval(), sample, return_loss=False)
     finally:
         for hook in hooks:
             hook.remove()

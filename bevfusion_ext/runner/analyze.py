@@ -25,7 +25,7 @@ def load_for_analysis(config: str, checkpoint: str | None, opts: list[str] = ())
         return load_compressed_model(config, checkpoint, opts)
     cfg, sources = prepare_config(config, list(opts))
     val_set = build_dataset(cfg.data.val, "data.val", sources)
-    return build_model(cfg, sources).eval(), cfg, example_batch(val_set, min(2, len(val_set)))
+    return build_model(cfg, sources).eval(), cfg, example_batch(val_set)
 
 
 def complexity_table(rows: list[dict[str, Any]]) -> str:

@@ -127,7 +127,9 @@ def build_dataloader(
     )
 
 
-def example_batch(dataset: Dataset, n: int) -> dict:
-    """The first `n` samples collated and unwrapped: identical on every rank, used to trace the model for pruning."""
+def example_batch(dataset: Dataset) -> dict:
+    """The first samples collated and unwrapped, identical on every rank, to trace and measure the model: two of our
+    datasets', one of BEVFusion's (its TransFusionHead.get_bboxes takes one sample per GPU, as its val loader has)."""
+    n = min(2 if hasattr(dataset, "collate") else 1, len(dataset))
     collate_fn = getattr(dataset, "collate", partial(mmcv_collate, samples_per_gpu=n))
     return unwrap_batch(collate_fn([dataset[i] for i in range(n)]))

@@ -17,11 +17,6 @@ from .hooks import append_jsonl, broadcast_bn_stats, check_ranks_agree
 from .surgery import decide_on_rank0, rebuild_around
 
 
-def training_loss(model: nn.Module, batch: dict) -> Any:
-    """The summed training loss, for Taylor importance."""
-    return sum(v for k, v in model(return_loss=True, **batch).items() if "loss" in k)
-
-
 class ProgressivePruningHook(Hook):
     """Before the scheduled iterations, prune the bare model, re-wrap DDP and carry the optimizer state over."""
 
@@ -70,8 +65,7 @@ class ProgressivePruningHook(Hook):
         schedule = self._start(runner, model)
         done = schedule["events_done"]
         step = self.recipe.step_ratios(done, schedule["scale"])
-        loss_fn = training_loss if self.recipe.importance == "taylor" else None
-        history = decide_on_rank0(lambda: core.plan_pruning(model, self.example, self.spec, step, loss_fn=loss_fn))
+        history = decide_on_rank0(lambda: core.plan_pruning(model, self.example, self.spec, step))
         rebuild_around(runner, lambda m: core.apply_pruning(m, self.example, history), self.rewrap, self.new_optimizer)
         digests = check_ranks_agree(model, f"pruning event {done + 1}")
         self._record(runner, model, history, step, digests, time.perf_counter() - tic)

@@ -15,10 +15,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..compression import quantization as quant
 from ..compression.analysis import eval_forward
+from ..compression.pruning import training_loss
 from ..compression.recipe import QuantizationRecipe
 from ..compression.state import is_quantized
 from .hooks import append_jsonl, broadcast_bn_stats, check_ranks_agree
-from .pruning import training_loss
 from .surgery import all_reduce_max, decide_on_rank0, rebuild_around
 
 

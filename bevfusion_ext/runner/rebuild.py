@@ -27,7 +27,7 @@ def load_compressed_model(config: str, checkpoint: str, opts: list[str] = (), re
         raise MissingCompressionState(f"checkpoint {checkpoint} carries no compression state (meta.compression); "
                                       "pass a checkpoint written by tools/train_compressed.py with a recipe")
     val_set = build_dataset(cfg.data.val, "data.val", sources)
-    example = example_batch(val_set, min(2, len(val_set)))
+    example = example_batch(val_set)
     model = build_model(cfg, sources, init_weights=False)  # every weight comes from the checkpoint
     restore_architecture(model, state, example, checkpoint)
     load_state_dict_strict(model, checkpoint_weights(ckpt), checkpoint)

@@ -134,7 +134,7 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None) -> Path
     # directory exists, so a bad config or checkpoint writes nothing.
     device = torch.device("cuda", tp_dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     train_set = build_dataset(cfg.data.train, "data.train", sources)
-    example = _to_device(example_batch(train_set, min(2, len(train_set))), device)
+    example = _to_device(example_batch(train_set), device)
     model = build_model(cfg, sources).to(device)
     checkpoint, state = _restore_compressed_architecture(cfg, model, example)
     if recipe.pruning is not None:
@@ -248,7 +248,8 @@ def _register_eval(runner: CompressionEpochBasedRunner, cfg: Config, sources: Co
     val_set = build_dataset(cfg.data.val, "data.val", sources)
     loader = build_dataloader(
         val_set,
-        cfg.data.val.get("samples_per_gpu", cfg.data.get("val_samples_per_gpu", cfg.data.samples_per_gpu)),
+        # BEVFusion's val loader takes data.val.samples_per_gpu, default 1 (its heads decode one sample per GPU)
+        cfg.data.val.get("samples_per_gpu", cfg.data.samples_per_gpu if hasattr(val_set, "collate") else 1),
         cfg.data.workers_per_gpu,
         False,
         cfg.get("seed"),

@@ -4,11 +4,11 @@ See docs/pruning.md. No mmcv / mmdet import: the runner hook drives these functi
 """
 
 from .counting import count_params_flops, group_channels
-from .engine import apply_pruning, plan_pruning
+from .engine import apply_pruning, plan_pruning, training_loss
 from .protection import auto_protected
 from .report import model_summary, prune_report
 from .spec import MAX_RATIO, PruningSpec
 from .target import scale_for_target
 
 __all__ = ["MAX_RATIO", "PruningSpec", "apply_pruning", "auto_protected", "count_params_flops", "group_channels",
-           "model_summary", "plan_pruning", "prune_report", "scale_for_target"]
+           "model_summary", "plan_pruning", "prune_report", "scale_for_target", "training_loss"]

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.flop_counter import FlopCounterMode
 
 from .protection import auto_protected, protected_modules
@@ -21,11 +23,27 @@ def _accepts_return_loss(model: nn.Module) -> bool:
     return "return_loss" in inspect.signature(model.forward).parameters
 
 
+@contextmanager
+def loss_mode(model: nn.Module) -> Iterator[None]:
+    """Training control flow with deterministic layers (BN on running statistics, no dropout or drop-path), for
+    models that return losses only when `training` is set, as BEVFusion's own fusion model and heads do."""
+    with preserved_modes(model):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, (_BatchNorm, _DropoutNd)) or hasattr(module, "drop_prob"):
+                module.eval()
+        yield
+
+
 def call_model(model: nn.Module, inputs: Any, return_loss: bool) -> Any:
-    """Run model on example inputs: mmdet models with return_loss, else dict -> kwargs, sequence -> args."""
+    """Run model on example inputs: mmdet models with return_loss (or, without it, BEVFusion's: losses in loss_mode,
+    results in eval mode), else dict -> kwargs, sequence -> args."""
     if isinstance(inputs, Mapping):
         if _accepts_return_loss(model):
             return model(return_loss=return_loss, **inputs)
+        if hasattr(model, "train_step"):
+            with loss_mode(model) if return_loss else preserved_modes(model):
+                return model(**inputs) if return_loss else model.eval()(**inputs)
         return model(**inputs)
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)

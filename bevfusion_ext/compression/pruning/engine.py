@@ -202,7 +202,7 @@ def replay(graph: tp.DependencyGraph, model: nn.Module, history: Iterable[list])
     sync_stage_widths(model)
 
 
-def _default_loss(model: nn.Module, example_inputs: Any) -> Tensor:
+def training_loss(model: nn.Module, example_inputs: Any) -> Tensor:
     """The sum of the model's training losses (mmdet loss dict), or of its first output tensor."""
     out = call_model(model, example_inputs, return_loss=True)
     values = [v for key, v in out.items() if "loss" in key] if isinstance(out, Mapping) else tensors(out)[:1]
@@ -213,9 +213,9 @@ def _default_loss(model: nn.Module, example_inputs: Any) -> Tensor:
 
 
 def _accumulate_grads(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None) -> None:
-    """Fresh gradients of loss_fn (default: _default_loss) for taylor importance."""
+    """Fresh gradients of loss_fn (default: training_loss) for taylor importance."""
     model.zero_grad(set_to_none=True)
-    (loss_fn or _default_loss)(model, example_inputs).backward()
+    (loss_fn or training_loss)(model, example_inputs).backward()
 
 
 def pruned_copy(model: nn.Module, example_inputs: Any, spec: PruningSpec, ratios: Mapping[str, float],

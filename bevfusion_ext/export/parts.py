@@ -8,6 +8,7 @@ deployed one: batch 1, N cameras.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnxruntime as ort
 import onnxsim
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ from ..compression.quantization import export_qdq_onnx
 from ..compression.quantization.backend import WEIGHT
 from ..compression.quantization.meta import META_ATTR, quantizers
 from ..models.transfusion import BOX_CODE
+from ..models.vtransforms import DepthLSSTransform as ReferenceLSS
 from ..models.vtransforms import bev_pool
 
 OPSET = 17
@@ -165,6 +168,7 @@ class PartDef:
     summary: str
     align: Callable[[nn.Module, dict, dict], tuple] | None = None  # PyTorch outputs for onnxruntime's top-k picks
     ranked: tuple[str, ...] = ()  # top-k value outputs, also compared without alignment
+    missing: Callable[[nn.Module], str | None] = lambda m: None  # why this model's module cannot be exported, or None
 
 
 PARTS: dict[str, PartDef] = {
@@ -226,6 +230,9 @@ PARTS: dict[str, PartDef] = {
                 *inputs.values(), *(torch.from_numpy(ort[name]) for name in ("query_labels", "query_cells"))
             ),
             ranked=("query_scores",),
+            missing=lambda m: None if hasattr(m.heads["object"], "proposals") else (
+                f"heads.object is {type(m.heads['object']).__name__} without a `proposals` top-k seam (BEVFusion's "
+                "own TransFusionHead): its ONNX export is not implemented yet, so the bundle has no object head"),
         ),
         PartDef(
             "head.map",
@@ -252,6 +259,9 @@ BEV_POOL = PartDef(
     lambda m, a: (_arg(a, "encoders.camera.vtransform.downsample", 0),),
     "gpu",
     "lift (depth x context) + scatter_add BEV pool",
+    missing=lambda m: None if isinstance(m.encoders["camera"]["vtransform"], ReferenceLSS) else (
+        "BEVFusion's own bev_pool is a CUDA kernel (a CPU stand-in here): the scatter_add ONNX reference check is "
+        "the reference model's"),
 )
 TAPPED = (
     "encoders.camera.backbone",
@@ -281,8 +291,14 @@ def unavailable_reason(model: nn.Module, part: PartDef) -> str | None:
     missing = [path for path in part.modules if not _has(model, path)]
     if missing:
         return f"the model has no {', '.join(missing)}"
-    if not any(True for _ in part.build(model).parameters()):
+    if part.missing(model) is not None:
+        return part.missing(model)
+    module = part.build(model)
+    if not any(True for _ in module.parameters()):
         return f"{part.modules[-1]} has no layers in this config"
+    if "coors" in inspect.signature(module.forward).parameters:
+        return (f"{part.modules[-1]} is a sparse-conv encoder (voxel features + coordinates): on the Orin it runs as "
+                "a CUDA sparse-conv library (libspconv in CUDA-BEVFusion), not as an ONNX/TensorRT part")
     return None
 
 
@@ -352,6 +368,32 @@ def _stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
+def drop_empty_scatters(model: onnx.ModelProto, inputs: dict[str, torch.Tensor]) -> int:
+    """Replace every ScatterND whose updates are empty by an Identity of its data (scattering nothing changes nothing).
+
+    mmdet's shifted-window Swin builds its attention mask by slice assignment; where a stage is a single window
+    (reduced-resolution runs), a slice is empty and onnxruntime rejects the resulting empty ScatterND. Which ones are
+    empty is measured: onnxruntime computes just the updates (shape inference cannot follow the mask's shape ops).
+    """
+    scatters = [(i, node) for i, node in enumerate(model.graph.node) if node.op_type == "ScatterND"]
+    if not scatters:
+        return 0
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(node.input[2], types.get(node.input[2],
+                                                                 onnx.TensorProto.FLOAT), None) for _, node in scatters)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    needed = {i.name for i in session.get_inputs()}
+    updates = session.run(None, {k: v.numpy() for k, v in inputs.items() if k in needed})
+    empty = [(i, node) for (i, node), value in zip(scatters, updates, strict=True) if value.size == 0]
+    for i, node in empty:
+        model.graph.node[i].CopyFrom(onnx.helper.make_node("Identity", [node.input[0]], list(node.output),
+                                                           name=node.name))
+    return len(empty)
+
+
 def export_onnx(
     module: nn.Module, inputs: dict[str, torch.Tensor], outputs: tuple[str, ...], path: Path, qdq: bool = False
 ) -> onnx.ModelProto:
@@ -369,35 +411,82 @@ def export_onnx(
                 input_names=list(inputs),
                 output_names=list(outputs),
             )
+    exported = onnx.load(str(path))
+    drop_empty_scatters(exported, inputs)
     with _stderr_silenced():  # onnxsim's C++ side logs every constant it cannot fold (Swin's shifted-window mask)
-        simplified, ok = onnxsim.simplify(onnx.load(str(path)))
+        simplified, ok = onnxsim.simplify(exported)
     if not ok:
         raise RuntimeError(f"onnxsim could not validate the simplified {path.name}")
     onnx.save(simplified, str(path))
     return simplified
 
 
+def _vtransform_call(model: nn.Module, acts: Activations) -> dict[str, Any]:
+    """The tapped view-transform call by argument name (the reference's and BEVFusion's signatures differ)."""
+    vtransform = model.encoders["camera"]["vtransform"]
+    for cls in type(vtransform).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is not None and "points" in inspect.signature(forward).parameters:
+            call = inspect.signature(forward).bind(vtransform, *_arg(acts, "encoders.camera.vtransform")).arguments
+            call.setdefault("camera_intrinsics", call.get("cam_intrinsic"))  # BaseDepthTransform's name for it
+            return call
+    raise ValueError(f"{type(vtransform).__name__}.forward takes no `points`: not an LSS view transform")
+
+
 def geometry(model: nn.Module, acts: Activations) -> torch.Tensor:
-    """Ego-frame xyz of every frustum point [1, N, D, fH, fW, 3]: constant per camera calibration."""
-    _, _, intrinsics, camera2lidar = _arg(acts, "encoders.camera.vtransform")
-    return model.encoders["camera"]["vtransform"].get_geometry(camera2lidar, intrinsics)
+    """Ego-frame xyz of every frustum point [1, N, D, fH, fW, 3] (reference vtransform): constant per calibration."""
+    call = _vtransform_call(model, acts)
+    return model.encoders["camera"]["vtransform"].get_geometry(call["camera2lidar"], call["camera_intrinsics"])
 
 
 def _spec(name: str, shape: Any, dtype: str = "float32") -> dict:
     return {"name": name, "shape": list(shape), "dtype": dtype}
 
 
-def _points(clouds: list[torch.Tensor]) -> dict:
-    return _spec("points", ["P", clouds[0].shape[1]])
+def _points(clouds: list[torch.Tensor] | torch.Tensor) -> dict:
+    return _spec("points", ["P", (clouds if isinstance(clouds, torch.Tensor) else clouds[0]).shape[-1]])
+
+
+def _lidar_contracts(model: nn.Module, acts: Activations) -> list[dict]:
+    """Voxelization + lidar encoder contracts: BEVFusion's sparse encoder, or the reference's dense stand-in part."""
+    backbone_args = _arg(acts, "encoders.lidar.backbone")
+    sparse = "coors" in inspect.signature(model.get_submodule("encoders.lidar.backbone").forward).parameters
+    voxels = [_spec("voxels", backbone_args[0].shape)]
+    if sparse:
+        voxels.append(_spec("voxel_coords", backbone_args[1].shape, "int32"))
+    lidar_bev = [_spec("lidar_bev", _out(acts, "encoders.lidar.backbone").shape)]
+    return [
+        {
+            "name": "lidar.voxelize",
+            "runs_as": "CUDA kernel, BEVFusion's hard voxelization",
+            "inputs": [_points(_arg(acts, "encoders.lidar.voxelize", 0))],
+            "outputs": voxels,
+            "notes": "BEVFusion's hard voxelization: up to max_num_points points per non-empty voxel, mean features, "
+            "(batch, x, y, z) int32 coordinates" if sparse else "dense stand-in: per voxel mean offset, mean extra "
+            "features, log(1 + count), z folded into C (BEVFusion: up to max_points points per non-empty voxel + "
+            "int32 voxel coordinates)",
+        },
+        {
+            "name": "lidar.sparse_encoder",
+            "runs_as": "CUDA sparse-conv library (libspconv in CUDA-BEVFusion)" if sparse
+            else "CUDA library (spconv) in BEVFusion; the dense lidar.backbone ONNX part here",
+            "inputs": voxels,
+            "outputs": lidar_bev,
+            "notes": "BEVFusion's SparseEncoder (SubMConv3d / SparseConv3d + BN1d, weights [k, k, k, Cin, Cout]); its "
+            "dense BEV output is the fuser's lidar_bev input" if sparse else "BEVFusion's SparseEncoder reads the "
+            "sparse voxels; its output keeps lidar.backbone's contract (the fuser's lidar_bev input)",
+        },
+    ]
 
 
 def kernel_contracts(model: nn.Module, acts: Activations) -> list[dict]:
     """The pieces between the ONNX parts that are GPU kernels / pre- and post-processing on the Orin."""
     contracts = []
     if "encoders.camera.vtransform" in acts:
-        _, clouds, intrinsics, camera2lidar = _arg(acts, "encoders.camera.vtransform")
+        call = _vtransform_call(model, acts)
+        clouds, frustum = call["points"], model.encoders["camera"]["vtransform"].frustum
         depth_probs, context = _camera_backbone_reference(model, acts)
-        calib = [_spec("camera_intrinsics", intrinsics.shape), _spec("camera2lidar", camera2lidar.shape)]
+        calib = [_spec(key, call[key].shape) for key in ("camera_intrinsics", "camera2lidar")]
         contracts += [
             {
                 "name": "camera.depth_image",
@@ -410,7 +499,7 @@ def kernel_contracts(model: nn.Module, acts: Activations) -> list[dict]:
                 "name": "camera.bev_pool",
                 "runs_as": "CUDA kernel, CUDA-BEVFusion's bev_pool",
                 "inputs": [
-                    _spec("geometry", geometry(model, acts).shape),
+                    _spec("geometry", [1, call["img"].shape[1], *frustum.shape]),
                     _spec("depth_probs", depth_probs.shape),
                     _spec("context", context.shape),
                 ],
@@ -420,26 +509,8 @@ def kernel_contracts(model: nn.Module, acts: Activations) -> list[dict]:
             },
         ]
     if "encoders.lidar.backbone" in acts:
-        voxels = _spec("voxels", _arg(acts, "encoders.lidar.backbone", 0).shape)
-        contracts += [
-            {
-                "name": "lidar.voxelize",
-                "runs_as": "CUDA kernel, BEVFusion's hard voxelization",
-                "inputs": [_points(_arg(acts, "encoders.lidar.voxelize", 0))],
-                "outputs": [voxels],
-                "notes": "dense stand-in: per voxel mean offset, mean extra features, log(1 + count), z folded into C "
-                "(BEVFusion: up to max_points points per non-empty voxel + int32 voxel coordinates)",
-            },
-            {
-                "name": "lidar.sparse_encoder",
-                "runs_as": "CUDA library (spconv) in BEVFusion; the dense lidar.backbone ONNX part here",
-                "inputs": [voxels],
-                "outputs": [_spec("lidar_bev", _out(acts, "encoders.lidar.backbone").shape)],
-                "notes": "BEVFusion's SparseEncoder reads the sparse voxels; its output keeps lidar.backbone's "
-                "contract (the fuser's lidar_bev input)",
-            },
-        ]
-    if "heads.object" in acts:
+        contracts += _lidar_contracts(model, acts)
+    if "heads.object" in acts and PARTS["head.object"].missing(model) is None:
         preds = _out(acts, "heads.object")
         contracts.append(
             {

@@ -337,7 +337,8 @@ def export_bundle(
         "parts": parts,
         "skipped_parts": dict(skipped or {}),
         "kernels": kernel_contracts(model, acts),
-        "bev_pool": _bev_pool_check(model, acts, options.seed) if "encoders.camera.vtransform" in acts else None,
+        "bev_pool": _bev_pool_check(model, acts, options.seed)
+        if "encoders.camera.vtransform" in acts and BEV_POOL.missing(model) is None else None,
         "engine_build": build_engines(root, parts, log) if options.build else {"status": "not requested (--build)"},
         "notes": _notes(model),
         "timing_s": {"rebuild": source.get("rebuild_s", 0.0), "export": time.perf_counter() - start},

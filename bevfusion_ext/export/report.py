@@ -86,7 +86,8 @@ def _parity(report: dict) -> list[str]:
         [[f, t["max_rel"], t["mean_rel"], t["why"]] for f, t in report["settings"]["tolerances"].items()],
     )
     rows = []
-    for name, e in {**report["parts"], "camera.bev_pool (kernel check)": report["bev_pool"]}.items():
+    kernel_check = {"camera.bev_pool (kernel check)": report["bev_pool"]} if report["bev_pool"] else {}
+    for name, e in {**report["parts"], **kernel_check}.items():
         for flavour, p in e["parity"].items():
             for output, r in p["outputs"].items():
                 stats = [f"{r[k]:.3g}" if k in r else "-" for k in ("max_abs", "mean_abs", "scale")]

@@ -103,6 +103,10 @@ def build_dataset(cfg: dict, key: str, sources: ConfigSources) -> Dataset:
     cfg.pop("samples_per_gpu", None)  # BEVFusion's train_model pops it from data.val
     try:
         return build_bevfusion_dataset(cfg, None if key.startswith("data.train") else dict(test_mode=True))
+    except ZeroDivisionError:
+        raise sources.error(key, "CBGSDataset found an object class with no sample in this split (it divides by "
+                            "every class's count)", "Use a split with every class of object_classes, or fewer "
+                            "classes.") from None
     except (FileNotFoundError, KeyError, TypeError, ValueError) as err:
         raise sources.error(key, f"building the dataset failed: {err}",
                             "Check dataset_root / ann_file and the dataset arguments.") from None

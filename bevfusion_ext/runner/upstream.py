@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -67,9 +68,11 @@ def import_bevfusion() -> ModuleType | None:
     if importlib.util.find_spec("mmdet3d") is None:
         return None
     try:
-        mmdet3d = importlib.import_module("mmdet3d")
-        importlib.import_module("mmdet3d.models")
-        importlib.import_module("mmdet3d.datasets")
+        with warnings.catch_warnings():  # its torch.cuda.amp / numba deprecations say nothing a user can act on
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
+            mmdet3d = importlib.import_module("mmdet3d")
+            importlib.import_module("mmdet3d.models")
+            importlib.import_module("mmdet3d.datasets")
     except ImportError as err:
         where = Path(mmdet3d.__file__).parent if "mmdet3d" in sys.modules else "mmdet3d"
         missing = getattr(err, "name", None) or str(err)

@@ -131,6 +131,13 @@ def build_dataloader(
     )
 
 
+def eval_batch_size(cfg: dict, dataset: Dataset) -> int:
+    """Samples per inference batch: data.val.samples_per_gpu, else BEVFusion's default of 1 for its datasets (its
+    heads decode one sample per GPU) and data.samples_per_gpu for ours."""
+    default = cfg["data"]["samples_per_gpu"] if hasattr(dataset, "collate") else 1
+    return cfg["data"]["val"].get("samples_per_gpu", default)
+
+
 def example_batch(dataset: Dataset) -> dict:
     """The first samples collated and unwrapped, identical on every rank, to trace and measure the model: two of our
     datasets', one of BEVFusion's (its TransFusionHead.get_bboxes takes one sample per GPU, as its val loader has)."""

@@ -21,10 +21,17 @@ from torchpack import distributed as tp_dist
 from ..compression import checkpoint_weights, load_state_dict_strict, read_checkpoint
 from ..compression.recipe import CompressionRecipe, PruningRecipe, RecipeError, check_groups, parse_recipe
 from ..compression.state import empty_state, restore_architecture
-from .builder import build_dataloader, build_dataset, build_model, check_registered, example_batch
+from .builder import (
+    build_dataloader,
+    build_dataset,
+    build_model,
+    check_registered,
+    eval_batch_size,
+    example_batch,
+)
 from .config import ConfigError, ConfigSources, load_config, validate_config
 from .hooks import GradientSyncHook, MetricsEvalHook, NonFiniteGuardHook, RankConsistencyHook
-from .parallel import DistributedDataParallel
+from .parallel import DistributedDataParallel, unwrap_batch
 from .pruning import ProgressivePruningHook
 from .quantization import QuantizationHook
 from .runner import CompressionEpochBasedRunner
@@ -187,7 +194,8 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None) -> Path
     runner.register_hook(GradientSyncHook(), priority="NORMAL")
     if recipe.quantization is not None:
         def calib_batches() -> Any:
-            return iter(build_dataloader(train_set, cfg.data.samples_per_gpu, 0, False, cfg.get("seed")))
+            loader = build_dataloader(train_set, eval_batch_size(cfg, train_set), 0, False, cfg.get("seed"))
+            return map(unwrap_batch, loader)
 
         runner.register_hook(QuantizationHook(recipe.quantization, calib_batches, rewrap, new_optimizer),
                              priority="NORMAL")
@@ -248,8 +256,7 @@ def _register_eval(runner: CompressionEpochBasedRunner, cfg: Config, sources: Co
     val_set = build_dataset(cfg.data.val, "data.val", sources)
     loader = build_dataloader(
         val_set,
-        # BEVFusion's val loader takes data.val.samples_per_gpu, default 1 (its heads decode one sample per GPU)
-        cfg.data.val.get("samples_per_gpu", cfg.data.samples_per_gpu if hasattr(val_set, "collate") else 1),
+        eval_batch_size(cfg, val_set),
         cfg.data.workers_per_gpu,
         False,
         cfg.get("seed"),

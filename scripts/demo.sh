@@ -19,6 +19,7 @@ case "${1:-reference}" in
     COMMON=()
     # round_to 4: the tiny model's layers have 16-128 channels (the recipe's 8 is for real BEVFusion widths).
     PRUNE=(--compression.pruning.round_to 4)
+    QAT=()
     ;;
   real)
     RUN="${DEMO_RUN_DIR:-runs/demo-real}"
@@ -27,6 +28,8 @@ case "${1:-reference}" in
     [ -f "$CONFIG" ] || { echo "error: no BEVFusion checkout at $BEVFUSION_ROOT: set BEVFUSION_ROOT" >&2; exit 2; }
     COMMON=(--cpu-ops --recipe configs/bevfusion/synthetic_cpu.yaml)
     PRUNE=()
+    # BEVFusion's TransFusion attention calls F.linear(x, out_proj.weight): out_proj's input quantizer never runs.
+    QAT=(--compression.quantization.exclude "['*.out_proj']")
     ;;
   *) echo "usage: bash scripts/demo.sh [reference|real]" >&2; exit 2 ;;
 esac
@@ -41,7 +44,8 @@ echo "== 2/4 progressive pruning (configs/compression/prune_seed.yaml) + fine-tu
     --load_from "$RUN/baseline/latest.pth"
 
 echo "== 3/4 INT8 calibration + QAT (configs/compression/qat_int8.yaml) -> $RUN/qat"
-"${TRAIN[@]}" --run-dir "$RUN/qat" --recipe configs/compression/qat_int8.yaml --load_from "$RUN/pruned/latest.pth"
+"${TRAIN[@]}" --run-dir "$RUN/qat" --recipe configs/compression/qat_int8.yaml "${QAT[@]}" \
+    --load_from "$RUN/pruned/latest.pth"
 
 echo "== 4/4 export: ONNX parts, DLA/GPU placement, calibration caches, trtexec scripts -> $RUN/deploy"
 python tools/export_engine.py "$CONFIG" "$RUN/qat/latest.pth" --out "$RUN/deploy" "${COMMON[@]}"

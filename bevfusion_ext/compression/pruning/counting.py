@@ -1,5 +1,6 @@
 """Model size measures shared by planning, target search and reports: params, FLOPs, channels per group."""
 
+import copy
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -37,7 +38,13 @@ def loss_mode(model: nn.Module) -> Iterator[None]:
 
 def call_model(model: nn.Module, inputs: Any, return_loss: bool) -> Any:
     """Run model on example inputs: mmdet models with return_loss (or, without it, BEVFusion's: losses in loss_mode,
-    results in eval mode), else dict -> kwargs, sequence -> args."""
+    results in eval mode), else dict -> kwargs, sequence -> args.
+
+    The model gets a copy: BEVFusion's LSS transform shifts the caller's points in place (``cur_coords =
+    points[b][:, :3]; cur_coords -= ...``), and plan / apply / the target search reuse one example batch for many
+    forwards, which would drift the point cloud out of the voxel grid.
+    """
+    inputs = copy.deepcopy(inputs)
     if isinstance(inputs, Mapping):
         if _accepts_return_loss(model):
             return model(return_loss=return_loss, **inputs)

@@ -1,7 +1,8 @@
 """Torch-Pruning pruners for blocks whose channel layout Torch-Pruning cannot trace.
 
 Each block is handed to ``DependencyGraph`` through its ``customized_pruners`` seam, so Torch-Pruning treats it as
-one opaque layer with an input and an output channel set and never looks at its fused internals:
+one opaque layer with an input and an output channel set and never looks at its fused internals (tracing.py hides
+them from the autograd walk, which would otherwise go through them):
 
 - fused-qkv attention (mmdet ``WindowMSA``): ``qkv`` Linear reshaped to ``(3, heads, C // heads)`` + ``proj``;
 - fused in_proj attention (BEVFusion's TransFusion ``MultiheadAttention``): ``in_proj_weight`` / ``in_proj_bias``

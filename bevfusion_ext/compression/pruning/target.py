@@ -1,5 +1,6 @@
 """Find the common ratio scale that reaches a params or FLOPs reduction target in one shot."""
 
+import gc
 from typing import Any
 
 import torch
@@ -43,7 +44,10 @@ def scale_for_target(model: nn.Module, example_inputs: Any, spec: PruningSpec, p
     def reduction(scale: float) -> float:
         with torch.random.fork_rng(devices=[]):
             pruned, _ = pruned_copy(model, example_inputs, spec, _scaled(spec, scale), None, forward_fn)
-        return 1.0 - measure(pruned) / dense
+        removed = 1.0 - measure(pruned) / dense
+        del pruned
+        gc.collect()  # the copy's DependencyGraph holds it in reference cycles: free it before the next probe
+        return removed
 
     low, high = 0.0, MAX_RATIO / min(r for r in spec.groups.values() if r > 0)
     scale, reached = high, []

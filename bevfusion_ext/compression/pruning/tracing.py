@@ -4,6 +4,13 @@
   reached, including branches the inference path detaches or runs under ``no_grad``.
 - Our block pruners go in through ``customized_pruners``; frozen Parameters (LSS ``frustum/dx/bx/nx``) through
   ``ignored_params``.
+- Those blocks are made opaque while tracing: Torch-Pruning only maps a block's *output* autograd node to the
+  block and walks on through its internals (fused q/k/v projection, ``chunk``, ``bmm``, softmax), wiring the block
+  node to its own out_proj and its real inputs to placeholder ops. The ``chunk(3)`` of BEVFusion's functional
+  attention is a split whose reverse index mapping adds the k / v offsets (+E, +2E) to indices that then flow back
+  into the E-wide query stream, so every pass around the attention creates never-seen index lists and the group
+  search (which dedups by index list) never ends. A forward hook gives the block's output an autograd node whose
+  inputs are exactly the block's input tensors: the block becomes one node, inputs -> in channels, output -> out.
 - Concat widths are taken from the traced tensors: Torch-Pruning infers them recursively, and through the LSS
   depth x context outer product it finds D + C instead of C, which merges the camera and lidar inputs of the
   fuser into one group (IndexError on the depthnet). ``_ConcatOp.concat_sizes`` is the field Torch-Pruning
@@ -12,7 +19,7 @@
 - Trainable layers the trace misses raise ValueError: their input channels could not follow a pruned producer.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -77,6 +84,36 @@ def _without_checkpointing(model: nn.Module) -> Iterator[None]:
             module.with_cp = True
 
 
+class _Opaque(torch.autograd.Function):
+    """A block's output value on an autograd node linked only to the block's inputs (tracing only, no backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, *inputs: Tensor) -> Tensor:
+        return value.clone()
+
+
+def _opaque_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Forward hook: replace the block's (first) output by an _Opaque node over its graph-carrying inputs."""
+    inputs = list({id(t): t for t in tensors([args, kwargs]) if t.requires_grad}.values())
+    first = output[0] if isinstance(output, tuple) else output
+    if not inputs or not isinstance(first, Tensor):
+        return None
+    hidden = _Opaque.apply(first.detach(), *inputs)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def _opaque_blocks(model: nn.Module, types: Collection[type]) -> Iterator[None]:
+    """Hide the internals of every block of exactly these types from the trace (hooks run before Torch-Pruning's)."""
+    hooks = [m.register_forward_hook(_opaque_output, prepend=True, with_kwargs=True)
+             for m in model.modules() if type(m) in types]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _set_concat_widths(graph: tp.DependencyGraph, widths: Mapping[Any, list[int]]) -> None:
     """Give every traced concat node its real input widths."""
     for node in graph.module2node.values():
@@ -92,7 +129,7 @@ def build_graph(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | N
     recorder = _ConcatWidths()
 
     def forward(module: nn.Module, inputs: Any) -> Any:
-        with recorder, _without_checkpointing(module):
+        with recorder, _without_checkpointing(module), _opaque_blocks(module, pruners):
             return (forward_fn or training_forward)(module, inputs)
 
     with preserved_modes(model), torch.enable_grad():

@@ -1,10 +1,22 @@
 """Shared fixtures: one 2-rank training run reused by the tests that inspect its run directory."""
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_tool, train_cmd
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module: on a shared 2-core machine two spinning OpenMP threads per process make small
+    torch ops (the tiny model, BEVFusion's image normalisation and CPU sparse convs) up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """SyntheticNuScenesDataset from BEVFusion's real Swin-T camera+lidar config + configs/bevfusion/synthetic_cpu.yaml:
+
 BEVFusion's batch format, consistent augmentation geometry, evaluation, determinism, and its real model on the
 batches (snapshot at BEVFUSION_ROOT)."""
 
@@ -6,7 +7,6 @@ import copy
 import logging
 import math
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -36,6 +36,8 @@ from bevfusion_ext.datasets.bevfusion_format import (  # noqa: E402
     register_bevfusion_datasets,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 OPS_READY = all(EXTENSIONS[f"mmdet3d.ops.{name}"] for name in
                 ("bev_pool.bev_pool_ext", "voxel.voxel_layer", "spconv.sparse_conv_ext", "iou3d.iou3d_cuda"))
 LIGHT_LIDAR = 256  # points per beam for the model tests: the CPU sparse convs dominate their time
@@ -50,16 +52,6 @@ def load_cfg() -> Config:
     tp.load(str(BEVFUSION_ROOT / SWINT_DET), recursive=True)
     tp.update(yaml.safe_load((ROOT / SYNTHETIC_CPU).read_text()))  # torchpack deep-merges dicts
     return Config(recursive_eval(tp), filename=str(BEVFUSION_ROOT / SWINT_DET))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """On a shared 2-core machine two spinning OpenMP threads per process make BEVFusion's small torch ops (image
-    normalisation, CPU sparse convs) up to 10x slower; one thread keeps this file's runtime stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from bevfusion_ext.models import build_model, reference_config
 from bevfusion_ext.models.swin import PatchMerging, WindowMSA
 from bevfusion_ext.models.transfusion import MultiheadAttention
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GROUPS = {"encoders.camera.backbone": 0.25, "encoders.camera.neck": 0.3, "decoder": 0.2, "heads": 0.12}
 BACKBONE = "encoders.camera.backbone"
 
@@ -45,15 +47,6 @@ def tiny(seed: int = 0, **overrides) -> nn.Module:
 
 def complement(size: int, idxs: list[int]) -> list[int]:
     return [i for i in range(size) if i not in idxs]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> None:
-    """Tiny ops gain nothing from threads, and a busy machine makes OpenMP threads spin: one thread, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

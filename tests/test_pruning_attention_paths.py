@@ -1,5 +1,6 @@
 """Group search through BEVFusion-style functional attention: finite, with the right channels (toy + real snapshot).
 
+
 BEVFusion's TransFusion attention projects q/k/v with one ``F.linear`` on ``in_proj_weight`` and chunks the
 *output*; traced through, that split maps k / v indices to +E / +2E and the search through the query stream's
 reconvergent paths never ends. Our tracing makes such blocks one opaque node.
@@ -18,17 +19,10 @@ from bevfusion_ext.compression.pruning.counting import call_model
 from bevfusion_ext.compression.pruning.engine import pruned_copy
 from bevfusion_ext.compression.pruning.tracing import build_graph
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DIM, HEADS, CLASSES, PROPOSALS, LAYERS = 16, 4, 3, 6, 2
 BRANCHES = {"center": 2, "height": 1, "dim": 3, "rot": 2, "vel": 2, "heatmap": CLASSES}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> None:
-    """One thread: the CPU is shared, and spinning OpenMP threads make the real-model forwards many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FunctionalAttention(nn.Module):

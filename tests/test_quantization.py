@@ -1,11 +1,11 @@
 """INT8 fake quantization on the tiny reference model, for both backends: insertion, calibration, sync, sharing,
+
 save/restore, BN folding, QAT, calibrators, Q/DQ ONNX parity with onnxruntime, layer sensitivity."""
 
 import copy
 import io
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +36,8 @@ from bevfusion_ext.compression.quantization.meta import get_meta
 from bevfusion_ext.datasets import SyntheticBEVDataset, collate
 from bevfusion_ext.models import build_model, reference_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 ATTENTION_CLASSES = ("WindowMSA", "MultiheadAttention")
 # INT8 fake quantization of the (untrained, BN-warmed) tiny model moves the fused BEV map by ~1% (relative L2).
@@ -58,16 +60,6 @@ def bev_features(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model gains little from intra-op threads, and on a shared 2-core machine two spinning OpenMP threads
-    per process make steps 10x slower; one thread keeps this file's runtime (and the step timing) stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

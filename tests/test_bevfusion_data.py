@@ -86,7 +86,7 @@ def test_real_config_builds_cbgs_train_and_val(cfg, train, val, caplog):
     assert DATASETS.get("SyntheticNuScenesDataset") is SyntheticNuScenesDataset
     assert all(PIPELINES.get(step.__name__) is step for step in REPLACED.values())
     assert type(train).__name__ == "CBGSDataset" and isinstance(train.dataset, SyntheticNuScenesDataset)
-    assert isinstance(val, SyntheticNuScenesDataset) and len(val) == 16 and len(train.dataset) == 64
+    assert isinstance(val, SyntheticNuScenesDataset) and len(val) == 8 and len(train.dataset) == 16
     assert (train.dataset.split, val.split) == ("train", "val")
     assert train.CLASSES == val.CLASSES == cfg.object_classes and len(train.flag) == len(train) > 64
     assert val.rig.image_size == (225, 400)  # nuScenes' 900 x 1600 scaled like 256 x 704 -> 64 x 176

@@ -5,7 +5,8 @@
 #   bash scripts/demo.sh real     # BEVFusion's own Swin-T camera+lidar model from its config tree, on its CPU op
 #                                 # stand-ins and synthetic scenes in its batch format, at reduced resolution
 #                                 # ($BEVFUSION_ROOT, default ../shared/third_party/bevfusion) -> runs/demo-real/
-# The run directory is replaced on every run; <run>/report.md compares the stages.
+# The run directory is replaced on every run (DEMO_FROM_STAGE=2/3/4 keeps the earlier stages of the last run and
+# redoes the rest); <run>/report.md compares the stages.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
@@ -28,24 +29,29 @@ case "${1:-reference}" in
     [ -f "$CONFIG" ] || { echo "error: no BEVFusion checkout at $BEVFUSION_ROOT: set BEVFUSION_ROOT" >&2; exit 2; }
     COMMON=(--cpu-ops --recipe configs/bevfusion/synthetic_cpu.yaml)
     PRUNE=()
-    # BEVFusion's TransFusion attention calls F.linear(x, out_proj.weight): out_proj's input quantizer never runs.
-    QAT=(--compression.quantization.exclude "['*.out_proj']")
+    QAT=(--recipe configs/bevfusion/qat_keep_out_proj_float.yaml)
     ;;
   *) echo "usage: bash scripts/demo.sh [reference|real]" >&2; exit 2 ;;
 esac
 TRAIN=(torchpack dist-run -np "$NP" python tools/train_compressed.py "$CONFIG" "${COMMON[@]}")
-if [ -d "$RUN" ]; then echo "== removing the previous demo run $RUN"; rm -rf "$RUN"; fi
+STAGE="${DEMO_FROM_STAGE:-1}"  # 2, 3 or 4 reuses the earlier stages of the previous run
+if [ "$STAGE" = 1 ] && [ -d "$RUN" ]; then echo "== removing the previous demo run $RUN"; rm -rf "$RUN"; fi
 
-echo "== 1/4 baseline: ${NP}-rank training -> $RUN/baseline"
-"${TRAIN[@]}" --run-dir "$RUN/baseline"
-
-echo "== 2/4 progressive pruning (configs/compression/prune_seed.yaml) + fine-tune -> $RUN/pruned"
-"${TRAIN[@]}" --run-dir "$RUN/pruned" --recipe configs/compression/prune_seed.yaml "${PRUNE[@]}" \
-    --load_from "$RUN/baseline/latest.pth"
-
-echo "== 3/4 INT8 calibration + QAT (configs/compression/qat_int8.yaml) -> $RUN/qat"
-"${TRAIN[@]}" --run-dir "$RUN/qat" --recipe configs/compression/qat_int8.yaml "${QAT[@]}" \
-    --load_from "$RUN/pruned/latest.pth"
+if [ "$STAGE" -le 1 ]; then
+  echo "== 1/4 baseline: ${NP}-rank training -> $RUN/baseline"
+  "${TRAIN[@]}" --run-dir "$RUN/baseline"
+fi
+if [ "$STAGE" -le 2 ]; then
+  echo "== 2/4 progressive pruning (configs/compression/prune_seed.yaml) + fine-tune -> $RUN/pruned"
+  "${TRAIN[@]}" --run-dir "$RUN/pruned" --recipe configs/compression/prune_seed.yaml "${PRUNE[@]}" \
+      --load_from "$RUN/baseline/latest.pth"
+fi
+if [ "$STAGE" -le 3 ]; then
+  echo "== 3/4 INT8 calibration + QAT (configs/compression/qat_int8.yaml) -> $RUN/qat"
+  rm -rf "$RUN/qat"
+  "${TRAIN[@]}" --run-dir "$RUN/qat" --recipe configs/compression/qat_int8.yaml "${QAT[@]}" \
+      --load_from "$RUN/pruned/latest.pth"
+fi
 
 echo "== 4/4 export: ONNX parts, DLA/GPU placement, calibration caches, trtexec scripts -> $RUN/deploy"
 python tools/export_engine.py "$CONFIG" "$RUN/qat/latest.pth" --out "$RUN/deploy" "${COMMON[@]}"

@@ -115,3 +115,10 @@ def test_optimizer_state_is_sliced_to_kept_channels() -> None:
             torch.testing.assert_close(new.state[param][key], expected.get(name, lambda t: t)(before))
     assert new.param_groups[0]["lr"] == 1e-3 and new.param_groups[0]["weight_decay"] == 0.01
     assert float(new.state[new_by_name["0.bias"]]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("field", ["exclude", "layers"])
+def test_quantization_lists_must_be_lists(field: str) -> None:
+    # a shell that drops the quotes of "['*.out_proj']" hands over a plain string, which must not be read per letter
+    with pytest.raises(RecipeError, match=rf"compression.quantization.{field}.*expected list"):
+        parse_recipe({"quantization": {field: "[*.out_proj]"}})

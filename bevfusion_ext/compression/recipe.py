@@ -209,6 +209,9 @@ def parse_quantization(section: dict, key: str = "compression.quantization") -> 
     for phase, allowed in _QAT_KEYS.items():
         phases[phase] = _expect(section.get(phase, {}) or {}, dict, f"{key}.{phase}")
         _unknown_keys(phases[phase], allowed, f"{key}.{phase}")
+    for listed in ("layers", "exclude"):
+        if listed in section:
+            _expect(section[listed], list, f"{key}.{listed}")
     try:
         spec = QuantSpec(**{k: v for k, v in section.items() if k in spec_keys})
     except (ValueError, TypeError) as err:

@@ -26,7 +26,6 @@ def use_bevfusion() -> None:
     """Import the BEVFusion checkout in this process over the CPU op stand-ins, as `--cpu-ops` does."""
     from bevfusion_ext.runner.upstream import prepare_bevfusion
 
-    os.environ.setdefault("BEVFUSION_ROOT", str(BEVFUSION_ROOT))
     prepare_bevfusion(BEVFUSION_ROOT / SWINT_DET, cpu_ops=True)
 TINY = "configs/synthetic/multitask/tiny.yaml"
 # Small and deterministic: no stochastic depth / dropout, so an interrupted + resumed run can equal a straight one.

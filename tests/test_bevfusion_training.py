@@ -66,3 +66,12 @@ def test_bad_input_on_the_real_tree_is_one_error_line(args, says, tmp_path, two_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and says in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_without_built_ops_or_cpu_ops_the_error_says_how_to_get_them(tmp_path):
+    out = tmp_path / "run"
+    proc = run_tool([sys.executable, "tools/train_compressed.py", CONFIG, "--recipe", SYNTHETIC_CPU,
+                     "--run-dir", str(out)], timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "compiled ops (or mmcv's) are not built" in proc.stderr and "pass --cpu-ops" in proc.stderr
+    assert not out.exists()

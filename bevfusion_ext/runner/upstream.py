@@ -76,11 +76,12 @@ def import_bevfusion() -> ModuleType | None:
     except ImportError as err:
         where = Path(mmdet3d.__file__).parent if "mmdet3d" in sys.modules else "mmdet3d"
         missing = getattr(err, "name", None) or str(err)
-        if "_ext" in str(missing) or "_cuda" in str(missing) or "voxel_layer" in str(missing):
+        mmcv_lite = "mmcv._ext" not in sys.modules and importlib.util.find_spec("mmcv._ext") is None
+        if mmcv_lite or any(name in str(missing) for name in ("_ext", "_cuda", "voxel_layer")):
             raise ConfigError(
-                f"BEVFusion's compiled ops are not built ({where}: cannot import {missing}). Build them with "
-                "'python setup.py develop' in your BEVFusion checkout, or pass --cpu-ops to run on bevfusion_ext's "
-                "CPU stand-ins (bevfusion_ext/ops/README.md)."
+                f"BEVFusion's compiled ops (or mmcv's) are not built ({where}: cannot import {missing}). Build them "
+                "(mmcv-full, and 'python setup.py develop' in your BEVFusion checkout), or pass --cpu-ops to run on "
+                "bevfusion_ext's CPU stand-ins (bevfusion_ext/ops/README.md)."
             ) from None
         raise ConfigError(f"cannot import BEVFusion's mmdet3d from {where}: {err}. Install what it names.") from None
     builder = sys.modules["mmdet3d.models.builder"]

@@ -26,6 +26,12 @@ def append_jsonl(path: str, record: dict) -> None:
 class MetricsEvalHook(DistEvalHook):
     """mmcv's distributed eval hook that also records every evaluation in `<run_dir>/metrics.jsonl`."""
 
+    def before_train_epoch(self, runner: Any) -> None:
+        """mmcv's evaluation before training (`start: 0`), then back to train mode: the runner switched the model to
+        train mode before this hook, and BEVFusion's model would otherwise take the test path for the first epoch."""
+        super().before_train_epoch(runner)
+        runner.model.train()
+
     def evaluate(self, runner: Any, results: list) -> float | None:
         """Score results, log them, keep them on disk and return the key score for `save_best`."""
         metrics = self.dataloader.dataset.evaluate(results, logger=runner.logger, **self.eval_kwargs)

@@ -54,7 +54,7 @@ if [ "$STAGE" -le 3 ]; then
 fi
 
 echo "== 4/4 export: ONNX parts, DLA/GPU placement, calibration caches, trtexec scripts -> $RUN/deploy"
-python tools/export_engine.py "$CONFIG" "$RUN/qat/latest.pth" --out "$RUN/deploy" "${COMMON[@]}"
+python tools/export_engine.py "$CONFIG" "$RUN/qat/latest.pth" --out "$RUN/deploy" --force "${COMMON[@]}"
 
 echo "== stages (also in $RUN/report.md)"
 python tools/report.py "$RUN" --pipeline --config "$CONFIG" "${COMMON[@]}"

@@ -12,7 +12,7 @@ from pathlib import Path
 from bevfusion_ext.compression.pruning import count_params_flops
 from bevfusion_ext.runner.config import ConfigError
 from bevfusion_ext.runner.rebuild import load_compressed_model
-from bevfusion_ext.runner.report import HEADLINE, compression_stages, metrics_table, qat_recovery, stages_table
+from bevfusion_ext.runner.report import compression_stages, headline, metrics_table, qat_recovery, stages_table
 from bevfusion_ext.runner.upstream import CPU_OPS_HELP, prepare_bevfusion
 
 
@@ -27,7 +27,7 @@ def pipeline_report(root: Path, config: str, opts: list[str]) -> str:
     for path in filter(None, present.values()):
         model, _, batch = load_compressed_model(config, str(path / "latest.pth"), opts)
         sizes[str(path)] = count_params_flops(model, batch)
-    recovery = {k: qat_recovery(stages, k) for k in HEADLINE}
+    recovery = {k: qat_recovery(stages, k) for k in headline(stages)}
     lines = [stages_table(stages, sizes), "",
              "QAT recovery of what PTQ lost: " + ", ".join(
                  f"{k} {'n/a (PTQ lost nothing)' if v is None else f'{v:.0%}'}" for k, v in recovery.items())]

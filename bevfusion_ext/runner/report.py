@@ -60,12 +60,17 @@ def qat_recovery(stages: list[dict], metric: str) -> float | None:
     return (qat - ptq) / (before - ptq)
 
 
+def headline(stages: list[dict]) -> list[str]:
+    """The headline metrics every stage recorded (a detection-only model has no seg/mIoU)."""
+    return [k for k in HEADLINE if all(k in s for s in stages)]
+
+
 def stages_table(stages: list[dict], sizes: dict[str, tuple[int, int]]) -> str:
     """Markdown: metrics, params and FLOPs per stage, and the change against the baseline."""
-    base = stages[0]
-    rows = ["| stage | " + " | ".join(HEADLINE) + " | params | GFLOPs |", "|---|" + "---|" * (len(HEADLINE) + 2)]
+    base, metrics = stages[0], headline(stages)
+    rows = ["| stage | " + " | ".join(metrics) + " | params | GFLOPs |", "|---|" + "---|" * (len(metrics) + 2)]
     for s in stages:
         params, flops = sizes.get(s["run"], (0, 0))
-        cells = [f"{s[k]:.4f} ({s[k] - base[k]:+.4f})" if s is not base else f"{s[k]:.4f}" for k in HEADLINE]
+        cells = [f"{s[k]:.4f} ({s[k] - base[k]:+.4f})" if s is not base else f"{s[k]:.4f}" for k in metrics]
         rows.append(f"| {s['stage']} | " + " | ".join(cells) + f" | {params / 1e6:.3f} M | {flops / 1e9:.2f} |")
     return "\n".join(rows)

@@ -33,8 +33,9 @@ def test_two_ranks_train_the_real_model_and_agree(real_run):
     assert ckpt["state_dict"]["encoders.lidar.backbone.conv_input.0.weight"].shape == (3, 3, 3, 5, 16)  # 1.x layout
     (record,) = jsonl(real_run / "consistency.jsonl")
     assert len(set(record["digest_per_rank"])) == 1
-    (metrics,) = jsonl(real_run / "metrics.jsonl")
-    assert 0.0 <= metrics["det/mAP"] <= 1.0 and "det/NDS" in metrics
+    before, after = jsonl(real_run / "metrics.jsonl")  # the overlay evaluates before training too
+    assert (before["epoch"], after["epoch"]) == (0, 1)
+    assert 0.0 <= after["det/mAP"] <= 1.0 and "det/NDS" in after
     train_logs = [r for r in jsonl(next(real_run.glob("*.log.json")))[1:] if r.get("mode") == "train"]
     assert train_logs and all(math.isfinite(r["loss"]) and "loss/object/loss_heatmap" in r for r in train_logs)
 

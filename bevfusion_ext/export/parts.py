@@ -291,8 +291,9 @@ def unavailable_reason(model: nn.Module, part: PartDef) -> str | None:
     missing = [path for path in part.modules if not _has(model, path)]
     if missing:
         return f"the model has no {', '.join(missing)}"
-    if part.missing(model) is not None:
-        return part.missing(model)
+    reason = part.missing(model)
+    if reason is not None:
+        return reason
     module = part.build(model)
     if not any(True for _ in module.parameters()):
         return f"{part.modules[-1]} has no layers in this config"

@@ -117,7 +117,8 @@ def test_unknown_model_type_names_key_and_file(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     leaf = tmp_path / "configs/synthetic/multitask/bad.yaml"
     leaf.write_text((ROOT / TINY).read_text().replace("model:\n", "model:\n  type: BEVFusionX\n", 1))
-    with pytest.raises(ConfigError, match=r"'model.type' \(set in .*bad.yaml\): unknown type 'BEVFusionX'.*BEVFusion"):
+    expected = r"'model.type' \(set in .*bad.yaml\): unknown type 'BEVFusionX'.*Did you mean .*BEVFusion"
+    with pytest.raises(ConfigError, match=expected):
         prepare_config(str(leaf), [])
 
 

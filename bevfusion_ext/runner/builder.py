@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from functools import partial
 from urllib.error import URLError
 
@@ -53,7 +54,9 @@ def _pick_registry(cfg: dict, key: str, ours: Registry, which: int, sources: Con
         return theirs
     known = sorted(ours.module_dict) + (sorted(theirs.module_dict) if theirs is not None else [])
     hint = "" if theirs is not None else " (no BEVFusion mmdet3d found: set BEVFUSION_ROOT to your checkout)"
-    raise sources.error(f"{key}.type", f"unknown type '{kind}'{hint}", f"Use one of: {', '.join(known)}.")
+    close = difflib.get_close_matches(kind, known, n=3, cutoff=0.5)
+    advice = f"Did you mean {' or '.join(close)}?" if close else f"None of the {len(known)} registered types is close."
+    raise sources.error(f"{key}.type", f"unknown type '{kind}'{hint}", advice)
 
 
 def _dataset_leaf(cfg: dict, key: str) -> tuple[dict, str]:

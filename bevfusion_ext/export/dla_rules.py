@@ -1,9 +1,12 @@
-"""Static Orin DLA placement check for ONNX graphs: one verdict per layer with a reason code and a rewrite hint.
+"""Static Orin DLA placement check for ONNX graphs: one verdict per layer with a reason code, the NVIDIA document
+section the rule comes from, and a rewrite hint.
 
-The rules are those of TensorRT 8.5-10.x on Orin (DOMAIN.md section 7, from NvInfer.h and the TensorRT "DLA supported
-layers" page). They live in a registry (`OP_RULES`: op type -> small rule functions, then `GENERAL_RULES` for every
-layer), so adding a limit is adding one function. Q/DQ, Constant and Identity nodes are not layers: TensorRT folds them,
-so the checker looks through them (a DQ(Q(weight)) input is a constant, a DQ(Q(x)) input is `x` with x's scale).
+The rules are those of TensorRT on Orin, each cited in `CITATIONS` (reason code -> NVIDIA section and the TensorRT
+versions it holds for); rules that changed between releases are keyed by the bundle's TensorRT target (`trt_version`,
+the export's --trt-version, default 10.3 = JetPack 6). They live in a registry (`OP_RULES`: op type -> small rule
+functions, then `GENERAL_RULES` for every layer), so adding a limit is adding one function and its citation. Q/DQ,
+Constant and Identity nodes are not layers: TensorRT folds them, so the checker looks through them (a DQ(Q(weight))
+input is a constant, a DQ(Q(x)) input is `x` with x's scale).
 """
 
 from __future__ import annotations
@@ -22,7 +25,32 @@ TRANSPARENT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Constant", "
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
 MAX_DIM = 8192  # non-batch dims (C, H, W)
 MAX_BATCH = 4096  # product of all dims before C, H, W
+SOFTMAX_MAX_AXIS = 1024  # axis length of the DLA softmax's optimized mode
+CLIP_MAX_RANGE = (1.0, 127.0)  # upper bound of a clipped ReLU on the DLA
+DEFAULT_TRT_VERSION = "10.3"  # the export CLI's default --trt-version (JetPack 6.1 / 6.2)
 Shape = tuple[int | None, ...]
+TrtVersion = tuple[int, int, int]
+
+
+def parse_trt_version(text: str) -> TrtVersion:
+    """(major, minor, patch) of "10.3", "8.6.12" or a calibration-cache tag ("TRT-100300-EntropyCalibration2")."""
+    if text.startswith("TRT-"):
+        number = int(text.split("-")[1])
+        return (
+            (number // 10000, number // 100 % 100, number % 100)
+            if number >= 100000
+            else (number // 1000, number // 100 % 10, number % 100)
+        )
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not a TensorRT version like 10.3 or 8.6.1")
+    major, minor, patch = (int(p) for p in (parts + ["0", "0"])[:3])
+    return major, minor, patch
+
+
+def version_text(version: TrtVersion) -> str:
+    """(8, 6, 12) -> "8.6.12"."""
+    return ".".join(map(str, version))
 
 
 @dataclass(frozen=True)
@@ -35,6 +63,7 @@ class NodeVerdict:
     reason: str
     detail: str = ""
     suggestion: str | None = None
+    source: str = ""  # the NVIDIA section (and TensorRT versions) the failing rule comes from
 
     def to_dict(self) -> dict:
         """Plain dict, for JSON reports."""
@@ -61,6 +90,7 @@ class GraphInfo:
     scales: dict[str, float]
     producers: dict[str, onnx.NodeProto]
     consumers: dict[str, list[onnx.NodeProto]]
+    trt_version: TrtVersion = (10, 3, 0)
 
     def source(self, name: str) -> str:
         """The tensor `name` really is once Q/DQ/Identity are looked through (so scales and constants are found)."""
@@ -143,7 +173,9 @@ def _qdq_scales(nodes: Iterable[onnx.NodeProto], info: GraphInfo) -> dict[str, f
     return scales
 
 
-def graph_info(model: onnx.ModelProto, scales: dict[str, float] | None = None) -> GraphInfo:
+def graph_info(
+    model: onnx.ModelProto, scales: dict[str, float] | None = None, trt_version: str = DEFAULT_TRT_VERSION
+) -> GraphInfo:
     """Run ONNX shape inference once and index the graph; `scales` adds a calibration cache's to the Q/DQ scales."""
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     g = inferred.graph
@@ -160,6 +192,7 @@ def graph_info(model: onnx.ModelProto, scales: dict[str, float] | None = None) -
         scales={},
         producers={o: n for n in g.node for o in n.output},
         consumers={},
+        trt_version=parse_trt_version(trt_version),
     )
     for n in g.node:
         for i in n.input:
@@ -285,6 +318,26 @@ def _conv_cout(node: onnx.NodeProto, info: GraphInfo) -> Sequence[int] | None:
     return [weight[0]] if weight and weight[0] is not None else None
 
 
+def _deconv_kernel(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
+    """Each kernel dim in [1, 32], except the 1 x {64, 96, 128} / {64, 96, 128} x 1 kernels the DLA also runs."""
+    kernel = _kernel(node, info)
+    if kernel is None or all(1 <= k <= 32 for k in kernel):
+        return None
+    if len(kernel) == 2 and sorted(kernel)[0] == 1 and sorted(kernel)[1] in (64, 96, 128):
+        return None
+    return Failure(
+        "DECONV_KERNEL_GT_32", f"kernel {list(kernel)} outside [1, 32] (1x64/96/128 and 64/96/128x1 allowed)"
+    )
+
+
+def _deconv_square(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
+    """TensorRT disabled square deconvolution kernels and strides of 23..32 on the DLA (compile time)."""
+    for what, values in (("kernel", _kernel(node, info)), ("stride", _strides(node, info))):
+        if values is not None and len(set(values)) == 1 and 23 <= values[0] <= 32:
+            return Failure("DECONV_SQUARE_23_32", f"square {what} {list(values)} in [23, 32]")
+    return None
+
+
 def _deconv_pads(node: onnx.NodeProto, info: GraphInfo) -> Sequence[int]:
     implicit = [1] if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") else []
     return [*attr(node, "pads", []), *attr(node, "output_padding", []), *implicit]
@@ -315,11 +368,50 @@ def _eltwise_broadcast(node: onnx.NodeProto, info: GraphInfo, precision: str) ->
     return None
 
 
-def _eltwise_int8_scales(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
-    """INT8 elementwise on the DLA needs both inputs on the same INT8 range."""
-    scales = {info.scales[i] for i in info.data_inputs(node) if i in info.scales}
-    if precision == "int8" and len(scales) > 1:
-        return Failure("ELTWISE_INT8_SCALES_DIFFER", f"input scales {sorted(scales)}")
+def _same_int8_range(code: str) -> Rule:
+    """A rule for layers whose INT8 input ranges must all equal the output range on the DLA (Concat, pooling)."""
+
+    def rule(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
+        tensors = [*info.data_inputs(node), node.output[0]]
+        scales = {t: np.float32(info.scales[t]) for t in tensors if t in info.scales}
+        if precision != "int8" or len(set(scales.values())) < 2:
+            return None
+        return Failure(code, "INT8 scales differ: " + ", ".join(f"'{t}' {s:.6g}" for t, s in scales.items()))
+
+    return rule
+
+
+def _const_operands(code: str, allowed: tuple[int, ...]) -> Rule:
+    """A rule for elementwise ops the DLA runs only with `allowed` counts of build-time constant operands."""
+
+    def rule(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
+        consts = sum(info.const(i) is not None for i in node.input[:2])
+        if consts in allowed:
+            return None
+        return Failure(
+            code, f"{consts} constant operand(s); the DLA {node.op_type} takes {' or '.join(map(str, allowed))}"
+        )
+
+    return rule
+
+
+def _clip_bound(node: onnx.NodeProto, info: GraphInfo, index: int, name: str, default: float) -> float | None:
+    """Clip's min/max: input `index` (opset >= 11, None if not a constant), attribute `name`, or `default`."""
+    if len(node.input) > index and node.input[index]:
+        value = info.const(node.input[index])
+        return None if value is None else float(value.reshape(-1)[0])
+    return float(attr(node, name, default))
+
+
+def _clipped_relu(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
+    """The DLA runs Clip only as a clipped ReLU: min 0, constant max in [1, 127]."""
+    lo, hi = _clip_bound(node, info, 1, "min", -math.inf), _clip_bound(node, info, 2, "max", math.inf)
+    if lo is None or hi is None:
+        return Failure("CLIP_NOT_RELU", "min/max are not build-time constants")
+    if lo != 0.0:
+        return Failure("CLIP_NOT_RELU", f"min {lo}: the DLA clips as a ReLU (min 0) only")
+    if not CLIP_MAX_RANGE[0] <= hi <= CLIP_MAX_RANGE[1]:
+        return Failure("CLIP_MAX_RANGE", f"max {hi} outside [{CLIP_MAX_RANGE[0]:g}, {CLIP_MAX_RANGE[1]:g}]")
     return None
 
 
@@ -335,6 +427,19 @@ def _softmax_axis(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Fail
     if axis is None or axis[0] >= axis[1] - 3:
         return None
     return Failure("SOFTMAX_AXIS", f"axis {axis[0]} is a batch axis; DLA softmax runs over C, H or W")
+
+
+def _softmax_axis_length(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
+    """Axis length <= 1024 unless every other C/H/W dim is 1 (the accurate mode); unknown shapes are left to others."""
+    axis, shape = _axis(node, info, -1), info.shape(node.output[0])
+    if axis is None or shape is None or None in shape:
+        return None
+    others = [shape[d] for d in range(axis[1] - 3, axis[1]) if d != axis[0]]
+    if all(d == 1 for d in others) or shape[axis[0]] <= SOFTMAX_MAX_AXIS:
+        return None
+    return Failure(
+        "SOFTMAX_AXIS_GT_1024", f"axis length {shape[axis[0]]} > {SOFTMAX_MAX_AXIS} with other C/H/W dims {others}"
+    )
 
 
 def _slice_static(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
@@ -393,13 +498,17 @@ CONV_RULES: tuple[Rule, ...] = (
     _limit("CONV_STRIDE_GT_8", "stride", _strides, 1, 8),
     _limit("CONV_DILATION_GT_32", "dilation", _dilations, 1, 32),
     _conv_pads,
+    # The group limits ([1, 8192]; [1, 4] for dla_hwc4 inputs) need no rule of their own: groups divide C_out <= 8192,
+    # and dla_hwc4 is used for inputs with C in {1, 3, 4} only.
     _limit("CONV_COUT_GT_8192", "output channels", _conv_cout, 1, MAX_DIM),
 )
 DECONV_RULES: tuple[Rule, ...] = (
     _spatial_2d("DECONV_3D"),
     _const_input(1, "DECONV_NONCONST_WEIGHT"),
-    _limit("DECONV_KERNEL_GT_32", "kernel", _kernel, 1, 32),
+    _deconv_kernel,
     _limit("DECONV_STRIDE_GT_32", "stride", _strides, 1, 32),
+    _deconv_square,
+    _limit("DECONV_DILATION_NE_1", "dilation", _dilations, 1, 1),
     _limit("DECONV_PADS_NONZERO", "pads/output_padding", _deconv_pads, 0, 0),
     _limit("DECONV_GROUP_NE_1", "group", _group, 1, 1),
 )
@@ -408,8 +517,10 @@ POOL_RULES: tuple[Rule, ...] = (
     _limit("POOL_WINDOW_GT_8", "window", _pool_window, 1, 8),
     _limit("POOL_STRIDE_GT_16", "stride", _strides, 1, 16),
     _limit("POOL_PAD_GT_7", "pads", _pads, 0, 7),
+    _same_int8_range("POOL_INT8_RANGES_DIFFER"),
 )
-ELTWISE_RULES: tuple[Rule, ...] = (_eltwise_broadcast, _eltwise_int8_scales)
+# No equal-range rule for INT8 elementwise: no NVIDIA document states one (DOMAIN.md section 7, corrected).
+ELTWISE_RULES: tuple[Rule, ...] = (_eltwise_broadcast,)
 RESIZE_RULES: tuple[Rule, ...] = (_resize_mode, _resize_scales)
 SLICE_RULES: tuple[Rule, ...] = (
     _slice_static,
@@ -426,18 +537,23 @@ OP_RULES: dict[str, tuple[Rule, ...]] = {
     "MaxPool": POOL_RULES,
     "AveragePool": POOL_RULES,
     "BatchNormalization": (),
-    **dict.fromkeys(("Relu", "Sigmoid", "Tanh", "Clip", "LeakyRelu"), ()),
+    **dict.fromkeys(("Relu", "Sigmoid", "Tanh", "LeakyRelu"), ()),
+    "Clip": (_clipped_relu,),
     **dict.fromkeys(("Add", "Sub", "Mul", "Max", "Min"), ELTWISE_RULES),
-    "Concat": (_concat_on_c,),
+    "Div": (*ELTWISE_RULES, _const_operands("DIV_CONST_OPERANDS", (0, 1))),
+    "Pow": (*ELTWISE_RULES, _const_operands("POW_CONST_OPERANDS", (1,))),
+    "Concat": (_concat_on_c, _same_int8_range("CONCAT_INT8_RANGES_DIFFER")),
     "Resize": RESIZE_RULES,
     "Upsample": RESIZE_RULES,
     "Slice": SLICE_RULES,
     "Split": (_fp16_only("SLICE_INT8"),),
-    "Softmax": (_fp16_only("SOFTMAX_INT8"), _softmax_axis),
+    "Softmax": (_fp16_only("SOFTMAX_INT8"), _softmax_axis, _softmax_axis_length),
     **dict.fromkeys(("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"), ()),
 }
+# Op types the DLA runs only from a TensorRT release on; older targets report them as GPU-only.
+OP_SINCE: dict[str, TrtVersion] = {"Div": (8, 6, 12), "Pow": (8, 6, 12)}
 # ONNX defines Gemm on 2D tensors; TensorRT lowers Gemm with a constant B to a fully connected layer, so the rank rule
-# does not apply to it (a MatMul on activations of rank < 4 still needs GPU shuffles).
+# does not apply to it (a MatMul on activations of another rank still needs GPU shuffles).
 RANK_EXEMPT = frozenset({"Gemm"})
 
 
@@ -463,12 +579,13 @@ def _float_tensors(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Fai
     return None
 
 
-def _rank_ge_4(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
+def _rank_4(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Failure | None:
+    """DLA layers work on N,C,H,W: a rank-3 or rank-5/6 tensor (attention reshapes, windows) needs GPU shuffles."""
     if node.op_type in RANK_EXEMPT:
         return None
     for name in _io(node, info):
-        if len(info.shape(name)) < 4:
-            return Failure("RANK_LT_4", f"'{name}' has rank {len(info.shape(name))}")
+        if len(info.shape(name)) != 4:
+            return Failure("RANK_NOT_4", f"'{name}' has rank {len(info.shape(name))}, DLA layers take N,C,H,W")
     return None
 
 
@@ -491,7 +608,7 @@ def _batch_le_4096(node: onnx.NodeProto, info: GraphInfo, precision: str) -> Fai
 # Checked before the op rules, so integer shape arithmetic is not judged by float-layer limits.
 PRE_RULES: tuple[Rule, ...] = (_float_tensors,)
 # Checked after them; order matters: the later rules assume static shapes.
-GENERAL_RULES: tuple[Rule, ...] = (_static_shapes, _rank_ge_4, _dims_le_8192, _batch_le_4096)
+GENERAL_RULES: tuple[Rule, ...] = (_static_shapes, _rank_4, _dims_le_8192, _batch_le_4096)
 
 # ---------------------------------------------------------------------------------------------------- suggestions
 _NORM_TO_BN = "BatchNormalization (folds into the preceding Conv); fine-tune with BN instead of this normalisation"
@@ -526,6 +643,8 @@ SUGGESTIONS: dict[str, str] = {
     "DECONV_NONCONST_WEIGHT": "make the weights initializers (constant-fold with onnxsim)",
     "DECONV_KERNEL_GT_32": "Resize(nearest, integer scale) followed by a Conv",
     "DECONV_STRIDE_GT_32": "Resize(nearest, integer scale) followed by a Conv",
+    "DECONV_SQUARE_23_32": "use a kernel/stride <= 22 or a non-square one, or Resize(nearest) followed by a Conv",
+    "DECONV_DILATION_NE_1": "use dilation 1 (a dilated deconvolution is a Resize plus a dilated Conv)",
     "DECONV_PADS_NONZERO": "export with padding=0, output_padding=0 and crop with a static Slice (FP16) after",
     "DECONV_GROUP_NE_1": "use group=1, or Resize(nearest) followed by a grouped Conv",
     "GEMM_NONCONST_B": "activation x activation products (attention) stay on the GPU; keep them at a part boundary",
@@ -533,9 +652,15 @@ SUGGESTIONS: dict[str, str] = {
     "POOL_WINDOW_GT_8": "stack pools with windows <= 8 (e.g. 16 = 8 then 2)",
     "POOL_STRIDE_GT_16": "stack pools with strides <= 16",
     "POOL_PAD_GT_7": "keep pool pads <= 7",
+    "POOL_INT8_RANGES_DIFFER": "give the pool output its input's scale (no quantizer of its own), or keep it in FP16",
     "ELTWISE_BROADCAST": "give the operand shape N,C,H,W, N,C,1,1 or N,1,1,1",
-    "ELTWISE_INT8_SCALES_DIFFER": "share one quantizer for both inputs (as CUDA-BEVFusion does for Add and Concat)",
+    "DIV_CONST_OPERANDS": "constant-fold a Div of two constants (onnxsim)",
+    "POW_CONST_OPERANDS": "make the exponent (or the base) a build-time constant; x*x for a square",
+    "CLIP_NOT_RELU": "clip with constant min 0 (a clipped ReLU), or Relu then Min/Max with constants",
+    "CLIP_MAX_RANGE": "use a clipped-ReLU max in [1, 127], or rescale the input so it is",
     "CONCAT_NOT_ON_C": "concatenate on C (transpose so the joined axis is C, or concat before the reshape)",
+    "CONCAT_INT8_RANGES_DIFFER": "share one quantizer for every Concat input and its output (as CUDA-BEVFusion does), "
+    "or keep the Concat in FP16",
     "RESIZE_MODE": "use mode nearest or linear",
     "RESIZE_ALIGN_CORNERS": "export with align_corners=False",
     "RESIZE_NOT_STATIC": "export with constant scales (static shapes, onnxsim)",
@@ -548,13 +673,111 @@ SUGGESTIONS: dict[str, str] = {
     "SLICE_INT8": "keep this layer in FP16 (add it to --layerPrecisions ...:fp16)",
     "SOFTMAX_INT8": "keep this layer in FP16 (add it to --layerPrecisions ...:fp16)",
     "SOFTMAX_AXIS": "softmax over C, H or W",
+    "SOFTMAX_AXIS_GT_1024": "reshape so the other C/H/W dims are 1 (the accurate mode), or split the axis",
     "DYNAMIC_SHAPE": "export with static shapes (onnxsim --overwrite-input-shape)",
     "NON_FLOAT_TENSOR": "constant-fold shape arithmetic (onnxsim) so no integer tensors remain",
-    "RANK_LT_4": "keep tensors N,C,H,W: reshape [N, C] to [N, C, 1, 1] and use a 1x1 Conv instead of Linear",
+    "RANK_NOT_4": "keep tensors N,C,H,W: [N, C] as [N, C, 1, 1] with a 1x1 Conv instead of Linear; fold extra "
+    "leading dims (windows, heads) into N",
     "DIM_GT_8192": "split the tensor so C, H and W stay <= 8192",
     "BATCH_GT_4096": "split the batch into chunks of <= 4096",
     "PLUGIN_OP": "plugins run on the GPU; put them at part boundaries",
 }
+
+
+# --------------------------------------------------------------------------------------------------------- citations
+@dataclass(frozen=True)
+class Citation:
+    """Where a rule is stated and the TensorRT releases it holds for (Orin DLA: 8.5-10.7, then 11.4.1+ on JetPack
+    7.2.2+; TensorRT 11.0-11.4.0 have no DLA on Jetson)."""
+
+    section: str
+    versions: str
+
+    def __str__(self) -> str:
+        return f"{self.section} [{self.versions}]"
+
+
+_GUIDE = "TensorRT Developer Guide, Working with DLA > DLA Supported Layers and Restrictions"
+_LAYER = f"{_GUIDE} > Layer Support and Restrictions"
+_GENERAL = Citation(f"{_GUIDE} > General Restrictions", "TensorRT 8.5-10.7, 11.4.1+")
+_DLA_SW = "NVIDIA/Deep-Learning-Accelerator-SW operators/README.md (ONNX operator support on Orin DLA)"
+_OPS_ELTWISE = "TensorRT Operators reference (10.3), ElementWise > DLA Support"
+_DOMAIN = "no NVIDIA guide sentence found; DOMAIN.md section 7 (from NvInfer.h)"
+_V = "TensorRT 8.5-10.7"
+
+
+def _layer(section: str, versions: str = _V) -> Citation:
+    return Citation(f"{_LAYER} > {section}", versions)
+
+
+_CONV, _DECONV, _POOL = (
+    _layer("Convolution and Fully Connected Layers"),
+    _layer("Deconvolution Layer"),
+    _layer("Pooling Layer"),
+)
+_CONCAT, _RESIZE, _SLICE = _layer("Concatenation Layer"), _layer("Resize Layer"), _layer("Slice Layer")
+_SOFTMAX = _layer("SoftMax Layer (Orin only)")
+_ELTWISE = _layer("ElementWise Layer")
+CITATIONS: dict[str, Citation] = {
+    "CONV_3D": _CONV,
+    "CONV_NONCONST_WEIGHT": Citation(f"{_DLA_SW}: Conv/MatMul weights are build-time constants; {_DOMAIN}", _V),
+    "CONV_KERNEL_GT_32": _CONV,
+    "CONV_STRIDE_GT_8": _CONV,
+    "CONV_DILATION_GT_32": _CONV,
+    "CONV_PAD_GE_KERNEL": _CONV,
+    "CONV_COUT_GT_8192": _CONV,
+    "DECONV_3D": _DECONV,
+    "DECONV_NONCONST_WEIGHT": Citation(f"{_DLA_SW}; {_DOMAIN}", _V),
+    "DECONV_KERNEL_GT_32": _DECONV,
+    "DECONV_STRIDE_GT_32": Citation(_DOMAIN, _V),
+    "DECONV_SQUARE_23_32": _DECONV,
+    "DECONV_DILATION_NE_1": _DECONV,
+    "DECONV_PADS_NONZERO": _DECONV,
+    "DECONV_GROUP_NE_1": _DECONV,
+    "GEMM_NONCONST_B": Citation(f"{_DLA_SW}, MatMul / Gemm: the second input must be a constant", _V),
+    "POOL_3D": _POOL,
+    "POOL_WINDOW_GT_8": _POOL,
+    "POOL_STRIDE_GT_16": _POOL,
+    "POOL_PAD_GT_7": _POOL,
+    "POOL_INT8_RANGES_DIFFER": _POOL,
+    "ELTWISE_BROADCAST": Citation(f"{_ELTWISE}; {_OPS_ELTWISE} (NCHW, NC11, N111)", _V),
+    "DIV_CONST_OPERANDS": Citation(_OPS_ELTWISE, "TensorRT 8.6.12-10.7, 11.4.1+"),
+    "POW_CONST_OPERANDS": Citation(_OPS_ELTWISE, "TensorRT 8.6.12-10.7, 11.4.1+"),
+    "CLIP_NOT_RELU": _layer("Activation Layer (clipped ReLU)"),
+    "CLIP_MAX_RANGE": _layer("Activation Layer (clipped ReLU)"),
+    "CONCAT_NOT_ON_C": _CONCAT,
+    "CONCAT_INT8_RANGES_DIFFER": _CONCAT,
+    "RESIZE_MODE": _RESIZE,
+    "RESIZE_ALIGN_CORNERS": Citation(_DOMAIN, _V),
+    "RESIZE_NOT_STATIC": _RESIZE,
+    "RESIZE_NC_SCALE": _RESIZE,
+    "RESIZE_SCALE_NOT_INT": _RESIZE,
+    "RESIZE_SCALE_GT_32": _RESIZE,
+    "RESIZE_SCALE_GT_4": _RESIZE,
+    "SLICE_NOT_STATIC": _SLICE,
+    "SLICE_STEP_NE_1": Citation(_DOMAIN, _V),
+    "SLICE_INT8": _SLICE,
+    "SOFTMAX_INT8": _SOFTMAX,
+    "SOFTMAX_AXIS": _SOFTMAX,
+    "SOFTMAX_AXIS_GT_1024": _SOFTMAX,
+    "DYNAMIC_SHAPE": _GENERAL,
+    "NON_FLOAT_TENSOR": Citation(
+        "TensorRT Developer Guide, Working with DLA > Running on DLA during TensorRT Inference (FP16 and INT8 only)",
+        "TensorRT 8.5-10.7, 11.4.1+",
+    ),
+    "RANK_NOT_4": _layer(
+        "each layer: '2D only' / 'only two spatial dimensions'; Slice and Shuffle: 4-D inputs "
+        "only (the General Restrictions' NPQRS batch note is not taken as allowing rank 5)"
+    ),
+    "DIM_GT_8192": _GENERAL,
+    "BATCH_GT_4096": _GENERAL,
+    "UNSUPPORTED_OP": Citation(f"{_LAYER} (layers not listed run on the GPU); {_DLA_SW}", _V),
+    "PLUGIN_OP": Citation(f"{_LAYER} (plugin layers are not listed)", _V),
+}
+OP_SINCE_SOURCE = Citation(
+    f"{_DLA_SW}: Div / Pow 'Native (as of TensorRT 8.6.12)', 'None' in its TensorRT 8.5 edition; {_OPS_ELTWISE}",
+    "unsupported before TensorRT 8.6.12 (JetPack 5.1 = 8.5.2), supported on 10.x",
+)
 
 
 def pool_stages(size: int, cap: int = 8) -> list[int] | None:
@@ -592,7 +815,9 @@ def _reduce_suggestion(node: onnx.NodeProto, info: GraphInfo) -> str:
     return _KEEP_ON_GPU
 
 
-def _unsupported(node: onnx.NodeProto, info: GraphInfo) -> NodeVerdict:
+def _unsupported(
+    node: onnx.NodeProto, info: GraphInfo, detail: str = "", source: Citation | None = None
+) -> NodeVerdict:
     op = node.op_type
     if op == "GlobalAveragePool":
         suggestion = _pool_suggestion(node, info, "AveragePool")
@@ -602,25 +827,31 @@ def _unsupported(node: onnx.NodeProto, info: GraphInfo) -> NodeVerdict:
         suggestion = _reduce_suggestion(node, info)
     else:
         suggestion = GPU_ONLY_SUGGESTIONS.get(op, _KEEP_ON_GPU)
-    detail = f"{op} has no DLA implementation"
-    return NodeVerdict(layer_name(node), op, False, f"UNSUPPORTED_OP:{op}", detail, suggestion)
+    detail = detail or f"{op} has no DLA implementation"
+    source = source or CITATIONS["UNSUPPORTED_OP"]
+    return NodeVerdict(layer_name(node), op, False, f"UNSUPPORTED_OP:{op}", detail, suggestion, str(source))
 
 
 # ------------------------------------------------------------------------------------------------------ public API
 def check_node(node: onnx.NodeProto, graph_info: GraphInfo, precision: str = "int8") -> NodeVerdict:
     """Can this layer run on an Orin DLA at `precision`? The first failing rule gives the reason."""
-    name = layer_name(node)
+    name, op = layer_name(node), node.op_type
     if node.domain not in ("", "ai.onnx"):
-        detail = f"custom op of domain {node.domain}"
-        return NodeVerdict(name, node.op_type, False, f"PLUGIN_OP:{node.op_type}", detail, SUGGESTIONS["PLUGIN_OP"])
-    if node.op_type not in OP_RULES:
+        detail, source = f"custom op of domain {node.domain}", str(CITATIONS["PLUGIN_OP"])
+        return NodeVerdict(name, op, False, f"PLUGIN_OP:{op}", detail, SUGGESTIONS["PLUGIN_OP"], source)
+    if op not in OP_RULES:
         return _unsupported(node, graph_info)
-    for rule in (*PRE_RULES, *OP_RULES[node.op_type], *GENERAL_RULES):
+    since = OP_SINCE.get(op, (0, 0, 0))
+    if graph_info.trt_version < since:
+        detail = f"TensorRT {version_text(graph_info.trt_version)} has no DLA {op} (from {version_text(since)} on)"
+        return _unsupported(node, graph_info, detail, OP_SINCE_SOURCE)
+    for rule in (*PRE_RULES, *OP_RULES[op], *GENERAL_RULES):
         failure = rule(node, graph_info, precision)
         if failure is not None:
             suggestion = failure.suggestion or SUGGESTIONS.get(failure.code)
-            return NodeVerdict(name, node.op_type, False, failure.code, failure.detail, suggestion)
-    return NodeVerdict(name, node.op_type, True, "OK")
+            source = str(CITATIONS[failure.code.split(":")[0]])
+            return NodeVerdict(name, op, False, failure.code, failure.detail, suggestion, source)
+    return NodeVerdict(name, op, True, "OK")
 
 
 def check_model(
@@ -628,10 +859,12 @@ def check_model(
     precision: str = "int8",
     fp16_layers: Iterable[str] = (),
     scales: dict[str, float] | None = None,
+    trt_version: str = DEFAULT_TRT_VERSION,
 ) -> list[NodeVerdict]:
-    """Verdicts for every layer in graph order; `fp16_layers` are checked at FP16, `scales` add cache scales."""
+    """Verdicts for every layer in graph order; `fp16_layers` are checked at FP16, `scales` add cache scales, and
+    version-dependent rules follow `trt_version` (the bundle's TensorRT target, or its calibration-cache tag)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} (the DLA runs FP16/INT8 only), got {precision!r}")
-    info, fp16 = graph_info(model, scales), set(fp16_layers)
+    info, fp16 = graph_info(model, scales, trt_version), set(fp16_layers)
     layers = [n for n in model.graph.node if is_layer(n)]
     return [check_node(n, info, "fp16" if n.name in fp16 else precision) for n in layers]

@@ -39,6 +39,7 @@ from bevfusion_ext.export import (
     write_build_scripts,
     write_calib_cache,
 )
+from bevfusion_ext.export.roofline import LAUNCH_MS, LOADABLE_MS, TRANSITION_MS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -317,10 +318,52 @@ def test_roofline_flops_bytes_and_labels() -> None:
         "dram_bytes_per_s": 204.8e9,
     }
     ms = small["projected_ms"]
-    assert ms["gpu"] == pytest.approx(1e3 * small["gflops"] * 1e9 / 85e12)  # compute-bound at 85 dense TOPS
+    compute_ms = 1e3 * small["gflops"] * 1e9 / 85e12  # compute-bound at 85 dense TOPS
+    assert ms["gpu"] == pytest.approx(compute_ms + LAUNCH_MS)  # one kernel
     assert ms["dla_core"] > ms["gpu"]
-    assert roofline(conv_model(64), "fp16")["projected_ms"]["gpu"] == pytest.approx(2 * ms["gpu"])
+    assert roofline(conv_model(64), "fp16")["projected_ms"]["gpu"] == pytest.approx(2 * compute_ms + LAUNCH_MS)
     assert roofline(conv_model(64), "fp32")["projected_ms"]["dla_core"] is None
+
+
+def conv_then(ops: list[str], extra_reader: bool = False) -> onnx.ModelProto:
+    """conv -> ops[0] -> ops[1] ... (Add/Mul take the graph input `r` second); optionally a second reader of `c`."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[1, 1])]
+    for i, op in enumerate(ops):
+        inputs = [nodes[-1].output[0], "r"] if op in ("Add", "Mul") else [nodes[-1].output[0]]
+        nodes.append(helper.make_node(op, inputs, [f"t{i}"], name=f"{op.lower()}{i}"))
+    shape = [1, 16, 32, 32]
+    x, r = (helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "r"))
+    extra = [helper.make_node("Relu", ["c"], ["c2"], name="other")] if extra_reader else []
+    outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in [nodes[-1], *extra]]
+    weight = numpy_helper.from_array(np.ones((16, 16, 1, 1), np.float32), "w")
+    return helper.make_model(helper.make_graph(nodes + extra, "g", [x, r], outputs, [weight]),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_roofline_fuses_pointwise_layers_into_their_producer() -> None:
+    layers = {c["name"]: c for c in roofline(conv_then(["Relu", "Add"]), "fp16")["layers"]}
+    element = 16 * 32 * 32
+    assert layers["relu0"]["fused"] and layers["relu0"]["activation_bytes"] == 0  # Conv + ReLU: one kernel
+    assert layers["add1"]["fused"] and layers["add1"]["activation_bytes"] == 2 * element  # reads only the residual
+    assert layers["conv"]["activation_bytes"] == 2 * 2 * element
+    report = roofline(conv_then(["Relu", "Add"]), "fp16")
+    assert report["fused_layers"] == 2
+    assert report["projected_ms"]["gpu"] == pytest.approx(
+        1e3 * sum(max(c["flops"] / 42.5e12, (c["weight_bytes"] + c["activation_bytes"]) / 204.8e9)
+                  for c in report["layers"]) + LAUNCH_MS)  # one launch for the fused kernel
+
+
+def test_roofline_does_not_fuse_a_tensor_another_layer_reads() -> None:
+    layers = {c["name"]: c for c in roofline(conv_then(["Relu"], extra_reader=True), "fp16")["layers"]}
+    assert not layers["relu0"]["fused"] and layers["relu0"]["activation_bytes"] == 2 * 2 * 16 * 32 * 32
+
+
+def test_roofline_runs_pinned_layers_in_fp16_inside_an_int8_part() -> None:
+    int8 = roofline(conv_model(64), "int8")
+    pinned = roofline(conv_model(64), "int8", fp16_layers={"conv"})
+    assert int8["layer_precisions"] == {"int8": 1} and pinned["layer_precisions"] == {"fp16": 1}
+    assert pinned["layers"][0]["weight_bytes"] == 2 * int8["layers"][0]["weight_bytes"]
+    assert pinned["projected_ms"]["gpu"] - LAUNCH_MS == pytest.approx(2 * (int8["projected_ms"]["gpu"] - LAUNCH_MS))
 
 
 def test_roofline_of_a_plan_counts_both_units_and_the_crossing() -> None:
@@ -335,5 +378,8 @@ def test_roofline_of_a_plan_counts_both_units_and_the_crossing() -> None:
     report = roofline(model, "int8", partition(model, check_model(model)))
     per_layer = 2 * 16 * 64 * 64 / 204.8e9 * 1e3  # memory-bound: read + write one INT8 byte per element
     crossing = 2 * 2 * 16 * 64 * 64 / 204.8e9 * 1e3  # 'a' and 'b' cross DLA<->GPU: written and read once more
-    assert report["projected_ms"]["gpu"] == pytest.approx(3 * per_layer)
-    assert report["projected_ms"]["plan"] == pytest.approx(3 * per_layer + crossing)
+    plan = partition(model, check_model(model))
+    fixed = LAUNCH_MS + TRANSITION_MS * plan.transitions + LOADABLE_MS * plan.dla_loadables  # Gelu alone on the GPU
+    assert (plan.transitions, plan.dla_loadables) == (2, 2)
+    assert report["projected_ms"]["gpu"] == pytest.approx(3 * per_layer + 3 * LAUNCH_MS)
+    assert report["projected_ms"]["plan"] == pytest.approx(3 * per_layer + crossing + fixed)

@@ -232,7 +232,7 @@ def export_part(model: nn.Module, part: PartDef, acts: Activations, root: Path, 
     if int8:
         stripped, scales, fp16 = _int8(model, part, module, examples, paths, tag, seed, entry)
         entry["placement"], plan = _placement(stripped, "noqdq", "int8", fp16, scales)
-        rooflines = {"fp16": roofline(fp32, "fp16"), "int8": roofline(stripped, "int8", plan)}
+        rooflines = {"fp16": roofline(fp32, "fp16"), "int8": roofline(stripped, "int8", plan, fp16)}
     else:
         files = {"onnx": files["onnx"]}
         entry["placement"], plan = _placement(fp32, "onnx", "fp16", [], None)

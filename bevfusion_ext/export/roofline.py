@@ -1,13 +1,18 @@
 """Projected Orin latency of an ONNX part from a roofline of its FLOPs and bytes. A projection, never a measurement.
 
-Per layer: time = max(FLOPs / peak, bytes / bandwidth), summed over layers: ideal utilisation, no launch or reformat
-overhead beyond the bytes of tensors crossing a DLA<->GPU boundary, so it is a lower bound to check measured engines
-against (scripts/benchmark.sh), not a substitute for them.
+Per layer: time = max(FLOPs / peak, bytes / bandwidth) at the layer's own precision (INT8, or FP16 for the layers the
+bundle pins to FP16), plus a fixed launch cost per kernel. Pointwise layers TensorRT fuses into the layer producing
+their input (Conv + BN + ReLU, Conv + residual Add) move no bytes of their own besides their other inputs. A planned
+DLA + GPU split adds the DRAM round trip of every crossing tensor and a fixed cost per transition and per DLA loadable.
+The fixed costs are assumptions, not measurements; benchmarks/roofline_check.py compares the whole projection with
+NVIDIA's published Orin stage latencies.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import onnx
@@ -22,6 +27,11 @@ PEAKS = {
     "dla_core": {"int8": 26.25 * TERA, "fp16": 13.125 * TERA},
 }
 DRAM_BYTES_PER_S = 204.8e9
+# Fixed costs (assumed, not measured): one GPU kernel launch, one DLA<->GPU transition (sync + reformat launch), one
+# DLA loadable submission.
+LAUNCH_MS = 0.005
+TRANSITION_MS = 0.1
+LOADABLE_MS = 0.1
 ASSUMPTIONS = (
     "GPU: 170 sparse INT8 TOPS = 85 dense; FP16 dense 42.5 TFLOPS (half of INT8); FP32 5.3 TFLOPS "
     "(NVIDIA Jetson AGX Orin 64GB data sheet, MAXN; DOMAIN.md section 7).",
@@ -30,12 +40,20 @@ ASSUMPTIONS = (
     "Memory: LPDDR5 204.8 GB/s, assumed fully available to whichever unit runs the layer (it is shared in reality).",
     "FLOPs: 2 per multiply-accumulate for Conv/ConvTranspose/Gemm/MatMul, the window size per output for pools, one "
     "per output element otherwise; reshape-like layers cost nothing.",
-    "Bytes: weights and activations at 1 (INT8), 2 (FP16) or 4 (FP32) bytes per element, every activation a layer "
-    "reads or writes counted once per layer; tensors crossing DLA<->GPU are written and read once more.",
+    "Bytes: weights and activations at 1 (INT8), 2 (FP16) or 4 (FP32) bytes per element at each layer's own precision "
+    "(INT8 part: the FP16-pinned layers at 2); every activation a layer reads or writes counted once per layer; "
+    "tensors crossing DLA<->GPU are written and read once more.",
+    "Fusion: a pointwise layer whose input is produced by a Conv/ConvTranspose/Gemm/MatMul (or by a layer fused into "
+    "one) and read by nothing else is fused into it, as TensorRT does: it moves only its other inputs' bytes.",
+    f"Fixed costs (assumed): {LAUNCH_MS} ms per unfused layer (kernel launch), {TRANSITION_MS} ms per DLA<->GPU "
+    f"transition, {LOADABLE_MS} ms per DLA loadable.",
 )
 BYTES_PER_ELEMENT = {"int8": 1, "fp16": 2, "fp32": 4}
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 POOL_OPS = frozenset({"MaxPool", "AveragePool"})
+FUSING_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+POINTWISE_OPS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Gelu",
+                           "BatchNormalization", "Add", "Sub", "Mul", "Div"})
 
 
 @dataclass(frozen=True)
@@ -48,10 +66,13 @@ class LayerCost:
     weight_bytes: int
     activation_bytes: int
     static: bool = True
+    precision: str = "int8"
+    fused: bool = False
 
-    def seconds(self, ops_per_s: float) -> float:
-        """Roofline time on a unit with `ops_per_s` and the Orin DRAM bandwidth."""
-        return max(self.flops / ops_per_s, (self.weight_bytes + self.activation_bytes) / DRAM_BYTES_PER_S)
+    def seconds(self, unit: str) -> float:
+        """Roofline time on `unit` ("gpu" or "dla_core") at this layer's precision, with the Orin DRAM bandwidth."""
+        compute = self.flops / PEAKS[unit][self.precision]
+        return max(compute, (self.weight_bytes + self.activation_bytes) / DRAM_BYTES_PER_S)
 
 
 def _numel(info: GraphInfo, name: str) -> int | None:
@@ -82,58 +103,88 @@ def _flops(node: onnx.NodeProto, info: GraphInfo, outputs: int) -> int:
     return outputs
 
 
-def layer_cost(node: onnx.NodeProto, info: GraphInfo, precision: str) -> LayerCost:
-    """FLOPs and bytes of one layer at `precision` (int8, fp16 or fp32)."""
+def layer_cost(node: onnx.NodeProto, info: GraphInfo, precision: str, fused: bool = False) -> LayerCost:
+    """FLOPs and bytes of one layer at `precision`; a fused layer moves only the inputs its producer did not make."""
     width = BYTES_PER_ELEMENT[precision]
-    name, activations = layer_name(node), [*info.data_inputs(node), *(o for o in node.output if o)]
-    sizes = [_numel(info, t) for t in activations]
-    if None in sizes:
-        return LayerCost(name, node.op_type, 0, 0, 0, static=False)
+    name, inputs = layer_name(node), info.data_inputs(node)
+    activations = [*(inputs[1:] if fused else inputs), *([] if fused else [o for o in node.output if o])]
+    if any(_numel(info, t) is None for t in [*inputs, *(o for o in node.output if o)]):
+        return LayerCost(name, node.op_type, 0, 0, 0, static=False, precision=precision, fused=fused)
     if node.op_type in VIEW_OPS:
-        return LayerCost(name, node.op_type, 0, 0, 0)
+        return LayerCost(name, node.op_type, 0, 0, 0, precision=precision)
     weights = sum(info.const(i).size for i in node.input if i and info.const(i) is not None)
     flops = _flops(node, info, _numel(info, node.output[0]))
-    return LayerCost(name, node.op_type, flops, weights * width, sum(sizes) * width)
+    moved = sum(_numel(info, t) for t in activations)
+    return LayerCost(name, node.op_type, flops, weights * width, moved * width, precision=precision, fused=fused)
 
 
-def layer_costs(model: onnx.ModelProto, precision: str = "int8") -> list[LayerCost]:
-    """Costs of every layer of a part (Q/DQ looked through, as TensorRT folds them)."""
+def fused_layers(model: onnx.ModelProto, info: GraphInfo | None = None) -> set[str]:
+    """Pointwise layers TensorRT fuses into the layer producing their first input (see the module docstring)."""
+    info = info or graph_info(model)
+    layers = [n for n in model.graph.node if is_layer(n)]
+    readers = Counter(t for n in layers for t in set(info.data_inputs(n)))
+    producer = {o: n for n in layers for o in n.output}
+    fused: set[str] = set()
+    for node in layers:  # topological order: a producer is decided before its readers
+        inputs = info.data_inputs(node)
+        source = producer.get(inputs[0]) if inputs and node.op_type in POINTWISE_OPS else None
+        if source is not None and readers[inputs[0]] == 1 and (
+                source.op_type in FUSING_PRODUCERS or layer_name(source) in fused):
+            fused.add(layer_name(node))
+    return fused
+
+
+def layer_costs(model: onnx.ModelProto, precision: str = "int8", fp16_layers: Collection[str] = ()) -> list[LayerCost]:
+    """Costs of every layer of a part (Q/DQ looked through, as TensorRT folds them); `fp16_layers` run in FP16."""
     info = graph_info(model)
-    return [layer_cost(n, info, precision) for n in model.graph.node if is_layer(n)]
+    fused = fused_layers(model, info)
+    return [layer_cost(n, info, "fp16" if layer_name(n) in fp16_layers else precision, layer_name(n) in fused)
+            for n in model.graph.node if is_layer(n)]
 
 
-def _ms(costs: list[LayerCost], ops_per_s: float) -> float:
-    return 1e3 * sum(c.seconds(ops_per_s) for c in costs)
+def _unit_ms(costs: list[LayerCost], unit: str) -> float | None:
+    """All layers on one unit with a kernel launch each (None when a layer's precision does not exist there)."""
+    if any(c.precision not in PEAKS[unit] for c in costs):
+        return None
+    launches = sum(not c.fused and c.op_type not in VIEW_OPS for c in costs)
+    return 1e3 * sum(c.seconds(unit) for c in costs) + LAUNCH_MS * launches
 
 
 def _plan_ms(costs: list[LayerCost], plan: Plan, model: onnx.ModelProto, precision: str) -> float:
-    """Each layer at the peak of the unit the plan puts it on, plus the DRAM round trip of every crossing tensor."""
+    """Each layer on the unit the plan puts it on, plus each crossing tensor's DRAM round trip and the fixed costs."""
     device = {name: s.device for s in plan.segments for name in s.layers}
-    peak = {"DLA": PEAKS["dla_core"][precision], "GPU": PEAKS["gpu"][precision]}
+    unit = {"DLA": "dla_core", "GPU": "gpu"}
     info, graph_inputs = graph_info(model), {i.name for i in model.graph.input}
     crossing = [t for s in plan.segments for t in s.inputs if t not in graph_inputs]
     crossing_bytes = 2 * BYTES_PER_ELEMENT[precision] * sum(_numel(info, t) or 0 for t in crossing)
-    return 1e3 * sum(c.seconds(peak[device[c.name]]) for c in costs) + 1e3 * crossing_bytes / DRAM_BYTES_PER_S
+    gpu_launches = sum(not c.fused and c.op_type not in VIEW_OPS and device[c.name] == "GPU" for c in costs)
+    fixed = LAUNCH_MS * gpu_launches + TRANSITION_MS * plan.transitions + LOADABLE_MS * plan.dla_loadables
+    return 1e3 * sum(c.seconds(unit[device[c.name]]) for c in costs) + 1e3 * crossing_bytes / DRAM_BYTES_PER_S + fixed
 
 
-def roofline(model: onnx.ModelProto, precision: str = "int8", plan: Plan | None = None) -> dict:
+def roofline(model: onnx.ModelProto, precision: str = "int8", plan: Plan | None = None,
+             fp16_layers: Collection[str] = ()) -> dict:
     """JSON-ready projection for one part: totals, GPU-only / one-DLA-core / planned latency and the peaks used."""
     if precision not in BYTES_PER_ELEMENT:
         raise ValueError(f"precision must be one of {sorted(BYTES_PER_ELEMENT)}, got {precision!r}")
-    costs = layer_costs(model, precision)
+    costs = layer_costs(model, precision, fp16_layers)
     dla_peak = PEAKS["dla_core"].get(precision)
-    projected = {"gpu": _ms(costs, PEAKS["gpu"][precision]), "dla_core": dla_peak and _ms(costs, dla_peak)}
+    projected = {"gpu": _unit_ms(costs, "gpu"), "dla_core": dla_peak and _unit_ms(costs, "dla_core")}
     if plan is not None and dla_peak:
         projected["plan"] = _plan_ms(costs, plan, model, precision)
     return {
         "label": "projection",
-        "method": "sum over layers of max(FLOPs / peak, bytes / DRAM bandwidth); ideal utilisation, a lower bound",
+        "method": "sum over layers of max(FLOPs / peak, bytes / DRAM bandwidth) at each layer's precision, fused "
+                  "pointwise layers, fixed launch / transition / loadable costs; ideal utilisation",
         "precision": precision,
+        "layer_precisions": dict(Counter(c.precision for c in costs)),
+        "fused_layers": sum(c.fused for c in costs),
         "peaks_used": {
             "gpu_ops_per_s": PEAKS["gpu"][precision],
             "dla_core_ops_per_s": dla_peak,
             "dram_bytes_per_s": DRAM_BYTES_PER_S,
         },
+        "fixed_ms": {"launch": LAUNCH_MS, "transition": TRANSITION_MS, "loadable": LOADABLE_MS},
         "assumptions": list(ASSUMPTIONS),
         "gflops": sum(c.flops for c in costs) / 1e9,
         "weight_mb": sum(c.weight_bytes for c in costs) / 1e6,

@@ -3,7 +3,7 @@
 #   bash scripts/bench.sh quality|cost_scaling|qat_step|deploy_latency|all [options of that benchmark]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-NAMES=(quality cost_scaling qat_step deploy_latency)
+NAMES=(quality cost_scaling qat_step deploy_latency roofline_check)
 if [ $# -lt 1 ]; then echo "usage: $0 {${NAMES[*]// /|}|all} [options]" >&2; exit 2; fi
 name="$1"; shift
 if [ "$name" = all ]; then

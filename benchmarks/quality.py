@@ -255,13 +255,12 @@ def budget_text(entry: dict[str, Any]) -> str:
 
 
 def compare(per_seed: list[dict], ours: str, other: str, metric: str) -> str:
-    """`beats`/`does not beat` on one metric: median paired difference and the seeds where ours is ahead."""
+    """`beats` / `is behind` only when every seed agrees, else `is inconclusive against`; with the numbers behind it."""
     diffs = [rows[ours][metric] - rows[other][metric] for rows in per_seed]
-    diff = statistics.median(diffs)
-    verb = "beats" if diff > 0 else "does NOT beat"
-    noise = "; the sign changes between seeds" if min(diffs) < 0 < max(diffs) else ""
-    return (f"{verb} {other} on {metric} (median {diff:+.4f}, per seed {min(diffs):+.4f} to {max(diffs):+.4f}, "
-            f"ahead in {sum(d > 0 for d in diffs)}/{len(diffs)} seeds{noise})")
+    ahead = sum(d > 0 for d in diffs)
+    verb = "beats" if min(diffs) > 0 else "is behind" if max(diffs) < 0 else "is inconclusive against"
+    return (f"{verb} {other} on {metric} (median {statistics.median(diffs):+.4f}, per seed {min(diffs):+.4f} to "
+            f"{max(diffs):+.4f}, ahead in {ahead}/{len(diffs)} seeds)")
 
 
 def verdict_pruning(per_seed: list[dict], table: dict[str, dict]) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..deploy.kernels import voxelize_dense
 from .common import conv_bn_relu
 from .registry import MODELS
 
@@ -32,24 +33,9 @@ class DenseVoxelization(nn.Module):
         self.grid_size = tuple(round((b - a) / s) for a, b, s in zip(lo, hi, self.voxel_size, strict=True))
         self.out_channels = self.grid_size[2] * (point_dims + 1)
 
-    @torch.no_grad()
     def forward(self, points: Sequence[torch.Tensor]) -> torch.Tensor:
         """List of [P_i, point_dims] point clouds -> dense grid [B, out_channels, ny, nx]."""
-        nx, ny, nz = self.grid_size
-        cells = len(points) * nz * ny * nx
-        pts = torch.cat([p[:, : self.point_dims] for p in points])
-        batch = torch.cat([torch.full((len(p),), b, dtype=torch.long, device=pts.device) for b, p in enumerate(points)])
-        rel = (pts[:, :3] - pts.new_tensor(self.point_cloud_range[:3])) / pts.new_tensor(self.voxel_size)
-        cell = torch.floor(rel).long()
-        ix, iy, iz = cell.unbind(1)
-        valid = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny) & (iz >= 0) & (iz < nz)
-        flat = torch.where(valid, ((batch * nz + iz) * ny + iy) * nx + ix, cells)
-        feats = torch.cat([rel - cell - 0.5, pts[:, 3:], torch.ones_like(pts[:, :1])], dim=1)
-        sums = pts.new_zeros(cells + 1, feats.shape[1]).scatter_add_(0, flat[:, None].expand_as(feats), feats)
-        count = sums[:cells, -1:]
-        voxels = torch.cat([sums[:cells, :-1] / count.clamp(min=1), torch.log1p(count)], dim=1)
-        voxels = voxels.view(len(points), nz, ny, nx, -1).permute(0, 1, 4, 2, 3)
-        return voxels.reshape(len(points), self.out_channels, ny, nx)
+        return voxelize_dense(points, self.point_cloud_range, self.voxel_size, self.point_dims)
 
 
 @MODELS.register_module()

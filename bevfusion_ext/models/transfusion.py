@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ..deploy.kernels import box_scores, decode_boxes, select_boxes
 from .common import ConvModule
 from .registry import MODELS, build_model
 
@@ -47,10 +48,7 @@ class TransFusionBBoxCoder:
 
     def decode(self, preds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-query predictions ([B, c, P] each) -> boxes [B, P, 7] in the ego frame."""
-        center = preds["center"].transpose(1, 2) * self.cell.to(preds["center"]) + self.origin.to(preds["center"])
-        rot = preds["rot"].transpose(1, 2)
-        yaw = torch.atan2(rot[..., :1], rot[..., 1:2])
-        return torch.cat([center, preds["height"].transpose(1, 2), preds["dim"].transpose(1, 2).exp(), yaw], dim=-1)
+        return decode_boxes(preds["center"], preds["height"], preds["dim"], preds["rot"], self.origin, self.cell)
 
 
 class MultiheadAttention(nn.Module):
@@ -344,12 +342,8 @@ class TransFusionHead(nn.Module):
         P = self.num_proposals
         last = {key: preds[key][..., -P:] for key in (*BOX_CODE, "heatmap")}
         labels = preds["query_labels"]
-        scores = last["heatmap"].sigmoid().gather(1, labels.unsqueeze(1)).squeeze(1) * preds["query_scores"]
+        scores = box_scores(last["heatmap"], labels, preds["query_scores"])
         boxes = self.bbox_coder.decode(last)
         max_num = self.test_cfg.get("max_num", P)
-        results = []
-        for b in range(len(boxes)):
-            keep = torch.nonzero(scores[b] >= self.bbox_coder.score_threshold).squeeze(1)
-            order = keep[scores[b, keep].argsort(descending=True)[:max_num]]
-            results.append((boxes[b, order], scores[b, order], labels[b, order]))
-        return results
+        return [select_boxes(boxes[b], scores[b], labels[b], self.bbox_coder.score_threshold, max_num)
+                for b in range(len(boxes))]

@@ -9,51 +9,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..deploy.kernels import bev_pool, create_frustum, depth_image, gen_dx_bx, get_geometry
 from .common import conv_bn_relu
 from .registry import MODELS
 
 Bound = Sequence[float]
-
-
-def gen_dx_bx(xbound: Bound, ybound: Bound, zbound: Bound) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cell size, first cell centre and cell count per axis from (start, stop, step) bounds, as BEVFusion names them."""
-    bounds = (xbound, ybound, zbound)
-    dx = torch.tensor([b[2] for b in bounds], dtype=torch.float32)
-    bx = torch.tensor([b[0] + b[2] / 2.0 for b in bounds], dtype=torch.float32)
-    nx = torch.tensor([round((b[1] - b[0]) / b[2]) for b in bounds], dtype=torch.long)
-    return dx, bx, nx
-
-
-def bev_pool_index(geom: torch.Tensor, dx: torch.Tensor, bx: torch.Tensor, nx: torch.Tensor) -> torch.Tensor:
-    """Flat (batch, z, y, x) cell of every frustum point; points outside the grid go to one extra trash cell.
-
-    The trash cell keeps every shape static (no boolean filtering), so the pool exports to ONNX as one
-    ScatterElements(add). geom is [B, ..., 3] in metres; the result is int64 [B * prod(...)].
-    """
-    num_x, num_y, num_z = (int(n) for n in nx.tolist())
-    cell = torch.floor((geom - (bx - dx / 2.0)) / dx).long()
-    ix, iy, iz = cell.unbind(-1)
-    valid = (ix >= 0) & (ix < num_x) & (iy >= 0) & (iy < num_y) & (iz >= 0) & (iz < num_z)
-    batch = torch.arange(geom.shape[0], device=geom.device).view(-1, *([1] * (ix.dim() - 1)))
-    flat = ((batch * num_z + iz) * num_y + iy) * num_x + ix
-    trash = geom.shape[0] * num_z * num_y * num_x
-    return torch.where(valid, flat, torch.full_like(flat, trash)).flatten()
-
-
-def bev_pool(geom: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, bx: torch.Tensor, nx: torch.Tensor) -> torch.Tensor:
-    """Sum frustum features x [B, N, D, fH, fW, C] into BEV cells -> [B, nz*C, ny, nx] (row = y, col = x).
-
-    Uses Tensor.scatter_add (ONNX ScatterElements reduction=add, exact with repeated indices); index_add / index_put
-    export silently wrong with the TorchScript exporter.
-    """
-    B, C = x.shape[0], x.shape[-1]
-    num_x, num_y, num_z = (int(n) for n in nx.tolist())
-    cells = B * num_z * num_y * num_x
-    index = bev_pool_index(geom, dx, bx, nx)
-    feats = x.reshape(-1, C)
-    pooled = feats.new_zeros(cells + 1, C).scatter_add(0, index.unsqueeze(1).expand(-1, C), feats)[:cells]
-    pooled = pooled.view(B, num_z, num_y, num_x, C).permute(0, 1, 4, 2, 3)
-    return pooled.reshape(B, num_z * C, num_y, num_x)
 
 
 @MODELS.register_module()
@@ -97,39 +57,16 @@ class DepthLSSTransform(nn.Module):
 
     def create_frustum(self) -> nn.Parameter:
         """(u, v, depth) of every [D, fH, fW] frustum point; u, v in input-image pixels (pixel centres at integers)."""
-        (iH, iW), (fH, fW) = self.image_size, self.feature_size
-        ds = torch.arange(*self.dbound, dtype=torch.float).view(-1, 1, 1).expand(-1, fH, fW)
-        D = ds.shape[0]
-        xs = torch.linspace(0, iW - 1, fW, dtype=torch.float).view(1, 1, fW).expand(D, fH, fW)
-        ys = torch.linspace(0, iH - 1, fH, dtype=torch.float).view(1, fH, 1).expand(D, fH, fW)
-        return nn.Parameter(torch.stack((xs, ys, ds), -1), requires_grad=False)
+        return nn.Parameter(create_frustum(self.image_size, self.feature_size, self.dbound), requires_grad=False)
 
     def get_geometry(self, camera2lidar: torch.Tensor, camera_intrinsics: torch.Tensor) -> torch.Tensor:
         """Ego-frame xyz [B, N, D, fH, fW, 3] of every frustum point: unproject with K^-1, move with camera2lidar."""
-        B, N = camera2lidar.shape[:2]
-        points = torch.cat((self.frustum[..., :2] * self.frustum[..., 2:3], self.frustum[..., 2:3]), -1)
-        combine = camera2lidar[..., :3, :3].matmul(torch.inverse(camera_intrinsics[..., :3, :3]))
-        points = combine.view(B, N, 1, 1, 1, 3, 3).matmul(points.unsqueeze(-1)).squeeze(-1)
-        return points + camera2lidar[..., :3, 3].view(B, N, 1, 1, 1, 3)
+        return get_geometry(self.frustum, camera2lidar, camera_intrinsics)
 
-    @torch.no_grad()
     def depth_image(self, points: Sequence[torch.Tensor], camera_intrinsics: torch.Tensor,
                     camera2lidar: torch.Tensor) -> torch.Tensor:
         """Sparse lidar depth [B, N, 1, iH, iW] per camera (nearest point wins a pixel, 0 where no point lands)."""
-        B, N = camera2lidar.shape[:2]
-        iH, iW = self.image_size
-        lidar2image = camera_intrinsics.matmul(torch.inverse(camera2lidar))
-        depth = camera2lidar.new_zeros(B, N * iH * iW)
-        for b, pts in enumerate(points):
-            cam = lidar2image[b, :, :3, :3].matmul(pts[:, :3].T) + lidar2image[b, :, :3, 3:4]
-            dist = cam[:, 2]
-            u = torch.floor(cam[:, 0] / dist.clamp(min=1e-5)).long()
-            v = torch.floor(cam[:, 1] / dist.clamp(min=1e-5)).long()
-            on_img = (dist > 1e-5) & (u >= 0) & (u < iW) & (v >= 0) & (v < iH)
-            camera = torch.arange(N, device=dist.device).view(N, 1).expand_as(u)
-            flat = (camera * iH + v) * iW + u
-            depth[b].scatter_reduce_(0, flat[on_img], dist[on_img], reduce="amin", include_self=False)
-        return depth.view(B, N, 1, iH, iW)
+        return depth_image(points, camera_intrinsics, camera2lidar, self.image_size)
 
     def get_cam_feats(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Image features [B, N, C_in, fH, fW] + depth image -> lifted features [B, N, D, fH, fW, C]."""

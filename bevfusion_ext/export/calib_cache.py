@@ -18,21 +18,25 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .dla_rules import FLOAT_TYPES, GraphInfo, attr, graph_info, is_layer, layer_name
+from .dla_rules import FLOAT_TYPES, GraphInfo, attr, graph_info, is_layer, layer_name, parse_trt_version
 
 DEFAULT_TAG = "TRT-8601-EntropyCalibration2"
 FLOAT = onnx.TensorProto.FLOAT
-# Ops whose output range lies inside their input range: a scale may flow downstream through them.
-SCALE_DOWNSTREAM_OPS = frozenset({"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
-# ... and upstream only where that changes nothing (a Relu input clipped at -amax still becomes 0).
-SCALE_UPSTREAM_OPS = frozenset({"Relu", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
+# Ops whose output range lies inside their input range: a scale may flow downstream through them (pooling: the DLA
+# wants the INT8 input range equal to the output range anyway).
+SCALE_DOWNSTREAM_OPS = frozenset(
+    {"Relu", "MaxPool", "AveragePool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+)
+# ... and upstream only where that changes nothing (a Relu input clipped at -amax still becomes 0; a Concat input lies
+# inside the output range, and the DLA wants every INT8 Concat input on the output's range).
+SCALE_UPSTREAM_OPS = frozenset({"Relu", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat"})
 # TensorRT folds a BatchNormalization into the Conv before it, so it needs no input scale of its own.
 FOLDED_INTO_PRODUCER = {"BatchNormalization": frozenset({"Conv", "ConvTranspose"})}
 
 
 def calib_tag(trt_version: str) -> str:
     """The cache header TensorRT `trt_version` writes ("8.6.1" -> TRT-8601-..., "10.3.0" -> TRT-100300-...)."""
-    major, minor, patch = (int(p) for p in (trt_version.split(".") + ["0", "0"])[:3])
+    major, minor, patch = parse_trt_version(trt_version)
     number = major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch
     return f"TRT-{number}-EntropyCalibration2"
 
@@ -63,18 +67,28 @@ def read_calib_cache(path: str | os.PathLike) -> dict[str, float]:
     return scales
 
 
+def _range_inputs(node: onnx.NodeProto, info: GraphInfo) -> list[str]:
+    """The inputs whose range a scale-propagating op carries: every Concat input, else the first input."""
+    return info.data_inputs(node) if node.op_type == "Concat" else [info.source(node.input[0])]
+
+
 def propagate_scales(model: onnx.ModelProto, scales: dict[str, float]) -> dict[str, float]:
-    """Fill missing scales across range-preserving ops so TensorRT can keep their neighbours fused in INT8."""
+    """Fill missing scales across range-preserving ops so TensorRT can keep their neighbours fused in INT8.
+
+    Downstream through SCALE_DOWNSTREAM_OPS (and a Concat whose inputs share one scale), then upstream through
+    SCALE_UPSTREAM_OPS into inputs nothing else reads: a Concat's unscaled inputs (e.g. the fuser's `camera_bev` and
+    `lidar_bev`, quantized only after the concat) get its output scale, which the INT8 DLA Concat requires anyway.
+    """
     info, out = graph_info(model), dict(scales)
     layers = [n for n in model.graph.node if is_layer(n)]
-    for node in (n for n in layers if n.op_type in SCALE_DOWNSTREAM_OPS):
-        src, dst = info.source(node.input[0]), node.output[0]
-        if src in out and dst not in out:
-            out[dst] = out[src]
-    for node in (n for n in reversed(layers) if n.op_type in SCALE_UPSTREAM_OPS):
-        src, dst = info.source(node.input[0]), node.output[0]
-        if dst in out and src not in out and len(info.consumers.get(src, [])) == 1:
-            out[src] = out[dst]
+    for node in (n for n in layers if n.op_type in SCALE_DOWNSTREAM_OPS | {"Concat"}):
+        known = {out.get(src) for src in _range_inputs(node, info)}
+        if len(known) == 1 and None not in known and node.output[0] not in out:
+            out[node.output[0]] = known.pop()
+    for node in (n for n in reversed(layers) if n.op_type in SCALE_UPSTREAM_OPS and n.output[0] in out):
+        for src in _range_inputs(node, info):
+            if src not in out and len(info.consumers.get(src, [])) == 1:
+                out[src] = out[node.output[0]]
     return out
 
 

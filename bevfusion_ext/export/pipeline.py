@@ -173,7 +173,7 @@ def _int8(
 def _commands(part: PartDef, files: dict[str, str], root: Path, fp16: list[str], plan: Plan, int8: bool) -> dict:
     """trtexec targets: GPU always; DLA with fallback for parts meant for it; a standalone loadable if it all fits."""
     flavours = {"fp16": files["onnx"], **({"qdq": files["qdq"], "noqdq": files["noqdq"]} if int8 else {})}
-    formats = io_formats_from_onnx(root / files["noqdq"]) if int8 else None
+    formats = io_formats_from_onnx(root / files["noqdq"], root / files["cache"]) if int8 else None
     argv = commands(part.name, flavours, files["cache"] if int8 else None, fp16, formats, out_dir="engines")
     keep = {
         *GPU_TARGETS,
@@ -189,8 +189,9 @@ def _placement(
     precision: str,
     fp16: list[str],
     scales: dict | None,
+    tag: str,
 ) -> tuple[dict, Plan]:
-    verdicts = check_model(graph, precision, fp16, scales)
+    verdicts = check_model(graph, precision, fp16, scales, trt_version=tag)  # rules of the bundle's TensorRT
     plan = partition(graph, verdicts)
     return {
         "graph": label,
@@ -231,11 +232,11 @@ def export_part(model: nn.Module, part: PartDef, acts: Activations, root: Path, 
     scales: dict[str, float] = {}
     if int8:
         stripped, scales, fp16 = _int8(model, part, module, examples, paths, tag, seed, entry)
-        entry["placement"], plan = _placement(stripped, "noqdq", "int8", fp16, scales)
+        entry["placement"], plan = _placement(stripped, "noqdq", "int8", fp16, scales, tag)
         rooflines = {"fp16": roofline(fp32, "fp16"), "int8": roofline(stripped, "int8", plan, fp16)}
     else:
         files = {"onnx": files["onnx"]}
-        entry["placement"], plan = _placement(fp32, "onnx", "fp16", [], None)
+        entry["placement"], plan = _placement(fp32, "onnx", "fp16", [], None, tag)
         rooflines = {"fp16": roofline(fp32, "fp16", plan)}
     entry.update(
         files=files,

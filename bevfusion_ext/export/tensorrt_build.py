@@ -165,7 +165,7 @@ def build_engine(
     config = builder.create_builder_config()
     report = _set_precision(trt, config, network, flavour, calib_cache, set(fp16_layers), set(fp32_layers))
     if dla_core is not None:
-        formats = (io_formats or io_formats_from_onnx(onnx_path)) if standalone else None
+        formats = (io_formats or io_formats_from_onnx(onnx_path, calib_cache)) if standalone else None
         report.update(_set_dla(trt, builder, config, network, dla_core, formats))
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

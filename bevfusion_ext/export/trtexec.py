@@ -14,6 +14,8 @@ from pathlib import Path
 
 import onnx
 
+from .calib_cache import read_calib_cache
+
 FLAVOURS = ("fp16", "qdq", "noqdq")
 DLA_CORES = (0, 1)
 # MiB per DLA memory pool (trtexec --memPoolSize units); the same limits go to the TensorRT Python build.
@@ -37,16 +39,21 @@ def dla_io_format(channels: int, precision: str = "int8") -> str:
     raise ValueError(f"DLA I/O precision must be int8 or fp16, got {precision!r}")
 
 
-def io_formats_from_onnx(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Standalone-loadable I/O formats for a part: INT8 inputs, FP16 outputs, channel count from the static shape."""
+def io_formats_from_onnx(path: str | os.PathLike, calib_cache: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """Standalone-loadable I/O formats for a part: FP16 outputs, INT8 inputs where `calib_cache` has the input's
+    scale (every input without a cache), FP16 for the others; channel count from the static shape."""
     graph = onnx.load(path, load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
+    scaled = None if calib_cache is None else set(read_calib_cache(calib_cache))
 
     def channels(vi: onnx.ValueInfoProto) -> int:
         dims = vi.type.tensor_type.shape.dim
         return dims[-3].dim_value if len(dims) >= 3 else 1
 
-    inputs = [dla_io_format(channels(vi), "int8") for vi in graph.input if vi.name not in initializers]
+    def input_format(vi: onnx.ValueInfoProto) -> str:
+        return dla_io_format(channels(vi), "int8" if scaled is None or vi.name in scaled else "fp16")
+
+    inputs = [input_format(vi) for vi in graph.input if vi.name not in initializers]
     return {"inputs": inputs, "outputs": [dla_io_format(channels(vi), "fp16") for vi in graph.output]}
 
 

@@ -28,19 +28,30 @@ def transfer_state(
     new_model: nn.Module,
     kept: Mapping[str, torch.Tensor],
 ) -> None:
-    """Load `old`'s state into `new` (built on the pruned model), sliced to the kept flat indices of each parameter."""
-    old_sd, new_sd = old.state_dict(), new.state_dict()
+    """Load `old`'s state into `new` (built on the pruned model), sliced to the kept flat indices of each parameter.
+
+    Parameters of removed blocks are dropped with their state; a renumbered parameter reads the state of its old
+    name (``kept.sources``, see apply_pruning). Each new param group takes the hyperparameters (LR, ...) of the old
+    group its parameters came from, so per-parameter groups (mmcv paramwise_cfg) survive removals too.
+    """
+    old_sd = old.state_dict()
+    sources = getattr(kept, "sources", {})
     index_of = {n: i for i, n in enumerate(old_names)}
     shapes = dict(new_model.named_parameters())
+    new_names = param_names(new, new_model)
     state = {}
-    for j, name in enumerate(param_names(new, new_model)):
-        entry = old_sd["state"].get(index_of.get(name, -1))  # a new parameter (e.g. a folded conv bias) starts fresh
+    for j, name in enumerate(new_names):
+        entry = old_sd["state"].get(index_of.get(sources.get(name, name), -1))  # a new parameter starts fresh
         if entry is not None:
             state[j] = {k: _slice(v, kept.get(name), shapes[name].shape) for k, v in entry.items()}
-    if len(old_sd["param_groups"]) != len(new_sd["param_groups"]):
-        raise ValueError("optimizer param groups changed across pruning; build both optimizers from the same config")
-    groups = [
-        {**g_old, "params": g_new["params"]}
-        for g_old, g_new in zip(old_sd["param_groups"], new_sd["param_groups"], strict=True)
-    ]
+    group_of = {i: g for g, group in enumerate(old_sd["param_groups"]) for i in group["params"]}
+    groups, start = [], 0
+    for group in new.param_groups:
+        names = new_names[start:start + len(group["params"])]
+        origins = {group_of.get(index_of.get(sources.get(n, n), -1)) for n in names} - {None}
+        if len(origins) != 1:
+            raise ValueError(f"optimizer param group of {names[:3]} came from old groups {sorted(origins)}; build "
+                             "both optimizers from the same config")
+        groups.append({**old_sd["param_groups"][origins.pop()], "params": list(range(start, start + len(names)))})
+        start += len(names)
     new.load_state_dict({"state": state, "param_groups": groups})

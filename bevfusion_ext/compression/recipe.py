@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from torch import nn
+
+from .pruning.depth import check_depth_target
+from .pruning.heads import check_head_target
 from .pruning.spec import IMPORTANCES, MAX_RATIO, PruningSpec
 from .quantization.spec import QuantSpec
 
@@ -44,7 +50,7 @@ class PruningSchedule:
 
 @dataclass(frozen=True)
 class PruningRecipe:
-    """What to prune, how much, how to rank channels and when."""
+    """What to prune (channel ratios, block and head counts), how much, how to rank channels and when."""
 
     groups: dict[str, float]
     schedule: PruningSchedule
@@ -53,6 +59,8 @@ class PruningRecipe:
     protected: tuple[str, ...] = ()
     params_reduction: float | None = None
     flops_reduction: float | None = None
+    depth: dict[str, int] = field(default_factory=dict)  # block list path -> blocks left at the end
+    heads: dict[str, int] = field(default_factory=dict)  # attention blocks' path -> heads left at the end
 
     def spec(self) -> PruningSpec:
         """The core pruning spec this recipe prunes with (groups, importance, round_to, protected layers)."""
@@ -68,6 +76,12 @@ class PruningRecipe:
         """Per-group fraction of the CURRENT channels the next event removes, so events compose to the plan."""
         before, after = self.cumulative_ratios(events_done, scale), self.cumulative_ratios(events_done + 1, scale)
         return {g: 1.0 - (1.0 - after[g]) / (1.0 - before[g]) for g in self.groups}
+
+    def counts_after(self, events_done: int, targets: Mapping[str, int], start: Mapping[str, int]) -> dict[str, int]:
+        """Block or head counts to have once `events_done` events ran: the schedule's fraction of start - target
+        removed (rounded half up, so a small step still removes one)."""
+        f = self.schedule.fraction_after(events_done)
+        return {p: start[p] - math.floor((start[p] - t) * f + 0.5) for p, t in targets.items()}
 
 
 @dataclass(frozen=True)
@@ -138,13 +152,24 @@ def _parse_schedule(section: dict, key: str) -> PruningSchedule:
     return schedule
 
 
+def _counts(section: dict, name: str, key: str, minimum: int, example: str) -> dict[str, int]:
+    """A {module path: count} mapping (depth / heads targets), every count an int >= minimum."""
+    counts = _expect(section.get(name, {}) or {}, dict, f"{key}.{name}")
+    for path, count in counts.items():
+        if _expect(count, int, f"{key}.{name}.{path}") < minimum:
+            raise RecipeError(f"{key}.{name}.{path}", f"is {count}, must be at least {minimum}", f"Use e.g. {example}.")
+    return {str(p): c for p, c in counts.items()}
+
+
 def parse_pruning(section: dict, key: str = "compression.pruning") -> PruningRecipe:
     """Validate a `compression.pruning` mapping into a PruningRecipe."""
     _expect(section, dict, key)
-    allowed = ("groups", "schedule", "importance", "round_to", "protected", "target")
+    allowed = ("groups", "schedule", "importance", "round_to", "protected", "target", "depth", "heads")
     _unknown_keys(section, allowed, key)
-    groups = _expect(section.get("groups"), dict, f"{key}.groups")
-    if not groups:
+    depth = _counts(section, "depth", key, 0, "'encoders.camera.backbone.stages.2: 4'")
+    heads = _counts(section, "heads", key, 1, "'heads.object: 6'")
+    groups = _expect(section.get("groups", {} if depth or heads else None), dict, f"{key}.groups")
+    if not groups and not (depth or heads):
         raise RecipeError(f"{key}.groups", "is empty", "Map module path prefixes to fractions, e.g. 'decoder: 0.2'.")
     ratios = {str(g): _fraction(r, f"{key}.groups.{g}", MAX_RATIO) for g, r in groups.items()}
     importance = _expect(section.get("importance", "magnitude"), str, f"{key}.importance")
@@ -165,6 +190,9 @@ def parse_pruning(section: dict, key: str = "compression.pruning") -> PruningRec
             "One common scale is searched for: give one target and read the other in the report.",
         )
     reductions = {k: _fraction(v, f"{key}.target.{k}", 0.95) for k, v in target.items()}
+    if reductions and not groups:
+        raise RecipeError(f"{key}.target", "needs channel groups: the target is met by scaling their ratios",
+                          "Add groups, or drop the target (depth and heads are counts, not searched).")
     schedule = _parse_schedule(_expect(section.get("schedule", {}), dict, f"{key}.schedule"), f"{key}.schedule")
     return PruningRecipe(
         groups=ratios,
@@ -172,8 +200,22 @@ def parse_pruning(section: dict, key: str = "compression.pruning") -> PruningRec
         importance=importance,
         round_to=round_to,
         protected=tuple(protected),
+        depth=depth,
+        heads=heads,
         **reductions,
     )
+
+
+def check_structure(recipe: PruningRecipe, model: nn.Module, key: str = "compression.pruning") -> None:
+    """Every depth path must name a block list and every heads path attention blocks, with reachable targets."""
+    checks = [("depth", recipe.depth, check_depth_target, "Name a Swin stage, a TransFusion head or a SECOND stage"),
+              ("heads", recipe.heads, check_head_target, "Name a module path holding attention blocks")]
+    for name, targets, check, fix in checks:
+        for path, target in targets.items():
+            try:
+                check(model, path, target)
+            except ValueError as err:
+                raise RecipeError(f"{key}.{name}.{path}", str(err), f"{fix} (docs/pruning.md).") from None
 
 
 def check_groups(recipe: PruningRecipe, module_names: list[str], key: str = "compression.pruning") -> None:

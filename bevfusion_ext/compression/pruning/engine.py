@@ -2,6 +2,8 @@
 
 A plan is a *history*: a list of JSON-safe steps, applied in order,
 
+- ``["blocks", container_name, child_idxs]``: whole blocks removed from a block list (depth.py; first in a history);
+- ``["heads", block_name, heads]``: whole heads of an attention block (heads.py);
 - ``["head_dims", block_name, idxs]``: inner dims of an attention block (same count per head);
 - ``["channels", root_name, is_out, idxs]``: a Torch-Pruning group, rooted at root_name's out (or in) channels,
   exactly like ``DependencyGraph.pruning_history()`` entries.
@@ -11,6 +13,7 @@ checkpoint can be rebuilt and then loaded strictly.
 """
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from .counting import ForwardFn, call_model, preserved_modes
+from .depth import apply_block_steps, plan_depth
+from .heads import plan_heads
 from .protection import auto_protected, protected_modules
 from .pruners import AttentionPruner, BlockPruner, sync_stage_widths
 from .spec import PruningSpec, check_ratios, owner
@@ -193,6 +198,8 @@ def replay(graph: tp.DependencyGraph, model: nn.Module, history: Iterable[list])
         pruner = graph.get_pruner_of_module(modules[name]) if name in modules else None
         if kind == "head_dims" and isinstance(pruner, AttentionPruner):
             pruner.prune_head_dims(modules[name], args[0])
+        elif kind == "heads" and isinstance(pruner, AttentionPruner):
+            pruner.prune_heads(modules[name], args[0])
         elif kind == "channels" and pruner is not None:
             is_out, idxs = args
             fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
@@ -219,16 +226,32 @@ def _accumulate_grads(model: nn.Module, example_inputs: Any, loss_fn: LossFn | N
 
 
 def pruned_copy(model: nn.Module, example_inputs: Any, spec: PruningSpec, ratios: Mapping[str, float],
-                 loss_fn: LossFn | None, forward_fn: ForwardFn | None) -> tuple[nn.Module, list]:
-    """(a pruned deep copy of model, the history that pruned it); model itself is untouched."""
+                loss_fn: LossFn | None, forward_fn: ForwardFn | None, depth: Mapping[str, int] | None = None,
+                heads: Mapping[str, int] | None = None) -> tuple[nn.Module, list]:
+    """(a pruned deep copy of model, the history that pruned it); model itself is untouched.
+
+    Order: blocks (depth targets), then heads (heads targets), then channels (ratios of what is left).
+    """
     pruned = copy.deepcopy(model)
+    history = plan_depth(pruned, example_inputs, depth or {}, forward_fn)
     if spec.importance == "taylor":
         _accumulate_grads(pruned, example_inputs, loss_fn)
     graph = build_graph(pruned, example_inputs, forward_fn)
-    history = _plan(pruned, graph, spec, ratios)
-    replay(graph, pruned, history)
+    if heads:
+        steps = _plan_heads(pruned, graph, spec, heads)
+        replay(graph, pruned, steps)
+        history += steps
+    steps = _plan(pruned, graph, spec, ratios)
+    replay(graph, pruned, steps)
     pruned.zero_grad(set_to_none=True)
-    return pruned, history
+    return pruned, history + steps
+
+
+def _plan_heads(model: nn.Module, graph: tp.DependencyGraph, spec: PruningSpec, heads: Mapping[str, int]) -> list:
+    """Heads planning over the channel groups of the whole model (a head removal also cuts the stream it reads)."""
+    whole = dataclasses.replace(spec, groups={"": 1.0})
+    candidates = _candidates(model, graph, whole, whole.groups)
+    return plan_heads(model, graph, heads, candidates, spec.importance == "taylor")
 
 
 def _check_runs(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None) -> None:
@@ -243,16 +266,18 @@ def _check_runs(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | N
 
 
 def plan_pruning(model: nn.Module, example_inputs: Any, spec: PruningSpec, ratios: Mapping[str, float],
-                 loss_fn: LossFn | None = None, *, forward_fn: ForwardFn | None = None) -> list:
+                 loss_fn: LossFn | None = None, *, forward_fn: ForwardFn | None = None,
+                 depth: Mapping[str, int] | None = None, heads: Mapping[str, int] | None = None) -> list:
     """Decide one pruning event on a deep copy (model untouched) and return its JSON-safe history.
 
-    ratios[g] is the fraction of group g's *current* prunable channels to remove (missing groups: 0). Taylor
-    importance back-propagates loss_fn(copy, example_inputs) on the copy. The caller's RNG state is unchanged.
+    ratios[g] is the fraction of group g's *current* prunable channels to remove (missing groups: 0); depth[path]
+    and heads[path] are the block / head counts to reach in this event (depth.py, heads.py). Taylor importance
+    back-propagates loss_fn(copy, example_inputs) on the copy. The caller's RNG state is unchanged.
     """
     spec.validate(model)
     check_ratios(ratios, spec.groups)
     with torch.random.fork_rng(devices=[]):
-        pruned, history = pruned_copy(model, example_inputs, spec, ratios, loss_fn, forward_fn)
+        pruned, history = pruned_copy(model, example_inputs, spec, ratios, loss_fn, forward_fn, depth, heads)
         _check_runs(pruned, example_inputs, forward_fn)
     return history
 
@@ -266,17 +291,30 @@ def _float_tensors(model: nn.Module) -> list[tuple[list[str], Tensor]]:
     return list(found.values())
 
 
+class KeptIndices(dict):
+    """apply_pruning's kept maps, plus ``sources``: the old name of every state entry a block removal renamed."""
+
+    def __init__(self, kept: Mapping[str, Tensor], sources: Mapping[str, str]) -> None:
+        super().__init__(kept)
+        self.sources = dict(sources)
+
+
 def apply_pruning(model: nn.Module, example_inputs: Any, history: list, *,
                   forward_fn: ForwardFn | None = None) -> dict[str, Tensor]:
     """Apply history to model in place; return, per changed floating state-dict entry, the kept flat indices.
 
     kept[name][j] is the index into the old tensor's flattened values of the new tensor's j-th flat element, so
     optimizer state slices exactly: ``new = old.flatten()[kept[name]].view(new_shape)``. Found by replaying the
-    history on float64 arange codes and restoring the real values from them. Deterministic: identical models and
-    histories give identical results on every rank. Rebuild DDP and the optimizer afterwards.
+    history on float64 arange codes and restoring the real values from them. Entries of removed blocks are gone;
+    later blocks are renumbered, and ``kept.sources[new_name]`` is then the entry's old name (old state is read
+    there). Deterministic: identical models and histories give identical results on every rank. Rebuild DDP and
+    the optimizer afterwards.
     """
     if not history:
         return {}
+    renamed, history = apply_block_steps(model, history)
+    if not history:
+        return KeptIndices({}, renamed)
     with torch.random.fork_rng(devices=[]):
         graph = build_graph(model, example_inputs, forward_fn)
     originals = {}
@@ -288,7 +326,7 @@ def apply_pruning(model: nn.Module, example_inputs: Any, history: list, *,
         replay(graph, model, history)
     finally:
         kept = _restore_from_codes(model, originals)
-    return kept
+    return KeptIndices(kept, renamed)
 
 
 def _restore_from_codes(model: nn.Module, originals: Mapping[str, tuple[Tensor, Tensor, Tensor | None, bool]]

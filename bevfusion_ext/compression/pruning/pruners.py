@@ -10,7 +10,9 @@ them from the autograd walk, which would otherwise go through them):
 - unfold patch merging (mmcv ``PatchMerging``): ``nn.Unfold`` channel order ``c * k + j`` -> LayerNorm -> Linear.
 
 Attention head dims (the inner width) are pruned separately with :meth:`AttentionPruner.prune_head_dims`, the
-same number in every head; ``num_heads``, the relative position bias table and the softmax scale stay.
+same number in every head; ``num_heads``, the relative position bias table and the softmax scale stay. Whole heads
+go with :meth:`AttentionPruner.prune_heads` (heads.py plans them): ``num_heads`` and the bias table shrink, the head
+width and the scale stay.
 Blocks are recognised by structure (attribute names and types), so mmdet's own classes match as well as ours.
 """
 
@@ -72,7 +74,7 @@ class AttentionPruner(BlockPruner):
         return self.output_projection(layer).in_features
 
     def num_heads(self, layer: nn.Module) -> int:
-        """Number of attention heads (never changed by pruning)."""
+        """Number of attention heads (changed only by prune_heads)."""
         return int(layer.num_heads)
 
     def get_out_channels(self, layer: nn.Module) -> int:
@@ -91,14 +93,31 @@ class AttentionPruner(BlockPruner):
         per_head = [sum(1 for i in idxs if i // head_dim == h) for h in range(heads)]
         if len(set(per_head)) != 1:
             raise ValueError(f"head dims must be pruned equally in every head, got {per_head} per head")
-        keep = _keep(dims, idxs)
+        self._keep_inner(layer, _keep(dims, idxs))
+        return layer
+
+    def prune_heads(self, layer: nn.Module, heads: Sequence[int]) -> nn.Module:
+        """Drop whole heads: their q/k/v rows, output-projection columns and relative-position-bias columns."""
+        count = self.num_heads(layer)
+        width = self.inner_dims(layer) // count
+        keep = _keep(count, heads)
+        if not keep or len(keep) + len(set(heads)) != count:
+            raise ValueError(f"cannot remove heads {list(heads)} of {count}: at least one of 0..{count - 1} must stay")
+        if isinstance(getattr(layer, "relative_position_bias_table", None), nn.Parameter):
+            self._select(layer, "relative_position_bias_table", keep, 1)
+        layer.num_heads = len(keep)
+        self._keep_inner(layer, [h * width + i for h in keep for i in range(width)])
+        return layer
+
+    def _keep_inner(self, layer: nn.Module, keep: list[int]) -> None:
+        """Keep inner dims `keep` of q, k and v and of the output projection's input."""
+        dims = self.inner_dims(layer)
         owner, weight, bias = self.qkv_owner(layer)
         keep_qkv = [offset * dims + i for offset in range(3) for i in keep]
         self._select(owner, weight, keep_qkv, 0)
         self._select(owner, bias, keep_qkv, 0)
         self._prune_linear_columns(self.output_projection(layer), keep)
         self._after_head_dims(layer, len(keep))
-        return layer
 
     @abstractmethod
     def _after_head_dims(self, layer: nn.Module, dims: int) -> None:

@@ -1,6 +1,7 @@
 """Find the common ratio scale that reaches a params or FLOPs reduction target in one shot."""
 
 import gc
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,9 +21,11 @@ def _scaled(spec: PruningSpec, scale: float) -> dict[str, float]:
 
 
 def scale_for_target(model: nn.Module, example_inputs: Any, spec: PruningSpec, params_reduction: float | None = None,
-                     flops_reduction: float | None = None, *, forward_fn: ForwardFn | None = None) -> float:
-    """Common factor s such that one-shot pruning with ratios s x spec.groups (capped) removes the requested
-    fraction of trainable params (or FLOPs) within one point; bisection on pruned copies, model untouched.
+                     flops_reduction: float | None = None, *, forward_fn: ForwardFn | None = None,
+                     depth: Mapping[str, int] | None = None, heads: Mapping[str, int] | None = None) -> float:
+    """Common factor s such that one-shot pruning with ratios s x spec.groups (capped), after the final depth and
+    heads removals, removes the requested fraction of trainable params (or FLOPs) within one point; bisection on
+    pruned copies, model untouched.
 
     Raises ValueError if the target is unreachable (reporting the most that can be removed) or falls in a
     rounding gap (reporting the nearest reachable reductions).
@@ -43,12 +46,17 @@ def scale_for_target(model: nn.Module, example_inputs: Any, spec: PruningSpec, p
 
     def reduction(scale: float) -> float:
         with torch.random.fork_rng(devices=[]):
-            pruned, _ = pruned_copy(model, example_inputs, spec, _scaled(spec, scale), None, forward_fn)
+            pruned, _ = pruned_copy(model, example_inputs, spec, _scaled(spec, scale), None, forward_fn, depth, heads)
         removed = 1.0 - measure(pruned) / dense
         del pruned
         gc.collect()  # the copy's DependencyGraph holds it in reference cycles: free it before the next probe
         return removed
 
+    if depth or heads:
+        floor = reduction(0.0)
+        if floor > target + TARGET_TOLERANCE:
+            raise ValueError(f"the depth and heads targets alone remove {floor:.3f}, more than the {target:.3f} "
+                             "target; keep more blocks / heads or raise the target")
     low, high = 0.0, MAX_RATIO / min(r for r in spec.groups.values() if r > 0)
     scale, reached = high, []
     for _ in range(MAX_BISECTIONS):

@@ -266,11 +266,13 @@ def sync_stage_widths(model: nn.Module) -> None:
 
 def block_pruners(model: nn.Module) -> dict[type, BlockPruner]:
     """One pruner per module class of model whose every instance has a recognised block structure."""
+    from .sparse import SparseConvPruner  # sparse.py builds on BlockPruner: imported here to avoid an import cycle
+
     found: dict[type, BlockPruner] = {}
     rejected: set[type] = set()
     for module in model.modules():
         cls = type(module)
-        kind = next((p for p in BLOCK_PRUNERS if p.matches(module)), None)
+        kind = next((p for p in (*BLOCK_PRUNERS, SparseConvPruner) if p.matches(module)), None)
         if kind is None or (cls in found and not isinstance(found[cls], kind)):
             rejected.add(cls)
         elif cls not in found:

@@ -15,6 +15,16 @@
   depth x context outer product it finds D + C instead of C, which merges the camera and lidar inputs of the
   fuser into one group (IndexError on the depthnet). ``_ConcatOp.concat_sizes`` is the field Torch-Pruning
   itself falls back to, so setting it keeps its own index mapping.
+- spconv sparse convs (sparse.py) are opaque blocks too: their outputs are ``SparseConvTensor`` objects, so the
+  hook puts the node on ``output.features`` (its inputs: the input features and the conv's own weights, so the
+  first conv, fed by raw voxels, still gets a node) and names it in ``output.grad_fn`` for Torch-Pruning's hook.
+- Views are recorded like the concats. Torch-Pruning re-infers a reshape's index mapping from channel counts it
+  finds by walking the graph (before every group), skipping all of them once a 3-D Linear was traced (the real
+  model); on the sparse encoder's densify it gets them wrong either way: the shape-preserving ``features.view`` of
+  ``dense()`` took the fold (stride D), and the real fold ``[N, C, D, H, W] -> [N, C * D, H, W]`` stays identity.
+  Recorded views whose mapping we know are settled: identity for a shape-preserving view, Torch-Pruning's own
+  flatten mapping (channel c -> c * D .. c * D + D - 1) for a fold, both typed element-wise so its inference
+  leaves them alone.
 - mmdet's ``with_cp`` flags are off while tracing: reentrant ``torch.utils.checkpoint`` hides a block's layers.
 - Trainable layers the trace misses raise ValueError: their input channels could not follow a pruned producer.
 """
@@ -27,18 +37,23 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from .counting import ForwardFn, call_model, preserved_modes
 from .pruners import block_pruners
+from .sparse import is_sparse_tensor
 
 TRACED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 CONCATS = (torch.cat, torch.concat, torch.concatenate)
+RESHAPES = (Tensor.view, Tensor.reshape, torch.reshape)
 
 
 def tensors(obj: Any) -> list[Tensor]:
-    """Tensors found in nested dicts / lists / tuples."""
+    """Tensors found in nested dicts / lists / tuples (a sparse tensor's features included)."""
     if isinstance(obj, Tensor):
         return [obj]
+    if is_sparse_tensor(obj):
+        return [obj.features]
     values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else []
     return [t for value in values for t in tensors(value)]
 
@@ -53,12 +68,22 @@ def training_forward(model: nn.Module, inputs: Any) -> Any:
     return call_model(model, inputs, return_loss=True)
 
 
+def _folded_depth(source: Tensor, out: Tensor) -> int | None:
+    """D if out is source [N, C, D, *S] viewed as [N, C * D, *S] with S two spatial dims, else None."""
+    merged = source.dim() == 5 and out.dim() == 4 and out.shape[0] == source.shape[0]
+    if merged and out.shape[1] == source.shape[1] * source.shape[2] and out.shape[2:] == source.shape[3:]:
+        return source.shape[2]
+    return None
+
+
 class _ConcatWidths(TorchFunctionMode):
-    """Records the input widths of every traced torch.cat whose inputs all carry a graph, by output grad_fn."""
+    """Records, by output grad_fn, the input widths of every traced torch.cat whose inputs all carry a graph and
+    the channel stride of every shape-preserving (1) or channel-folding (D) view."""
 
     def __init__(self) -> None:
         super().__init__()
         self.widths: dict[Any, list[int]] = {}
+        self.views: dict[Any, int] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -68,6 +93,10 @@ class _ConcatWidths(TorchFunctionMode):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if all(t.grad_fn is not None for t in inputs):
                 self.widths[out.grad_fn] = [t.shape[dim] for t in inputs]
+        elif func in RESHAPES and isinstance(out, Tensor) and out.grad_fn is not None:
+            stride = 1 if out.shape == args[0].shape else _folded_depth(args[0], out)
+            if stride is not None:
+                self.views[out.grad_fn] = stride
         return out
 
 
@@ -93,8 +122,16 @@ class _Opaque(torch.autograd.Function):
 
 
 def _opaque_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    """Forward hook: replace the block's (first) output by an _Opaque node over its graph-carrying inputs."""
-    inputs = list({id(t): t for t in tensors([args, kwargs]) if t.requires_grad}.values())
+    """Forward hook: replace the block's (first) output by an _Opaque node over its graph-carrying inputs and its
+    own trainable weights (Torch-Pruning skips those); a sparse output keeps its object, with the node on
+    ``features`` and in ``grad_fn`` (read by Torch-Pruning's hook, which expects a tensor)."""
+    inputs = [t for t in tensors([args, kwargs]) if t.requires_grad]
+    inputs = list({id(t): t for t in [*inputs, *module.parameters()] if t.requires_grad}.values())
+    if is_sparse_tensor(output):
+        if inputs:
+            output.features = _Opaque.apply(output.features.detach(), *inputs)
+        output.grad_fn = output.features.grad_fn
+        return output
     first = output[0] if isinstance(output, tuple) else output
     if not inputs or not isinstance(first, Tensor):
         return None
@@ -122,6 +159,25 @@ def _set_concat_widths(graph: tp.DependencyGraph, widths: Mapping[Any, list[int]
             node.module.concat_sizes = list(found)
 
 
+def _settle_views(graph: tp.DependencyGraph, strides: Mapping[Any, int]) -> None:
+    """Give every recorded view node its channel mapping (identity, or channel c -> c * D .. c * D + D - 1) and type
+    it element-wise, so Torch-Pruning's reshape inference, re-run before every group, leaves it."""
+    for node in graph.module2node.values():
+        stride = strides.get(node.grad_fn) if node.type == tp.ops.OPTYPE.RESHAPE else None
+        if stride is None:
+            continue
+        node.type = tp.ops.OPTYPE.ELEMENTWISE
+        fold = (_FlattenIndexMapping(stride=stride), _FlattenIndexMapping(stride=stride, reverse=True))
+        for other in [*node.inputs, *node.outputs]:
+            into, back = fold if stride > 1 and other in node.inputs else (None, None)
+            for dep in other.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = into
+            for dep in node.dependencies:
+                if dep.target is other:
+                    dep.index_mapping[0] = back
+
+
 def build_graph(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None) -> tp.DependencyGraph:
     """Trace model (in eval mode, modes restored) into a DependencyGraph that knows our blocks."""
     pruners = block_pruners(model)
@@ -138,6 +194,13 @@ def build_graph(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | N
             customized_pruners=pruners, ignored_params=frozen, verbose=False,
         )
     _set_concat_widths(graph, recorder.widths)
+    _settle_views(graph, recorder.views)
+    _check_coverage(model, graph, pruners)
+    return graph
+
+
+def _check_coverage(model: nn.Module, graph: tp.DependencyGraph, pruners: Mapping[type, Any]) -> None:
+    """Raise ValueError naming trainable layers the trace missed, or whose weight layout no pruner knows."""
     inside = {id(m) for m in graph.IGNORED_LAYERS_IN_TRACING}
     missed = [name for name, m in model.named_modules()
               if (isinstance(m, TRACED_LAYERS) or type(m) in pruners) and m not in graph.module2node
@@ -146,4 +209,12 @@ def build_graph(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | N
         raise ValueError(f"{len(missed)} trainable layers are not reached by the tracing forward, so their input "
                          f"channels could not follow a pruned producer: {missed[:8]}. Pass a forward_fn whose "
                          "outputs depend on every trainable layer (the default traces the training losses).")
-    return graph
+    names = {id(p): name for name, p in model.named_parameters()}
+    guessed = [names[id(p)] for p, _ in graph.unwrapped_parameters
+               if p.requires_grad and p in graph.module2node and names[id(p)].endswith("weight")]
+    if guessed:
+        modules = dict(model.named_modules())
+        layers = {name.rpartition(".")[0]: type(modules[name.rpartition(".")[0]]).__name__ for name in guessed}
+        raise ValueError(f"the weights of {len(layers)} traced layers have a channel layout no pruner knows, so "
+                         f"Torch-Pruning would guess which dim to prune: {layers}. Give their type a block pruner "
+                         "(compression/pruning/pruners.py, sparse.py), or keep them out of the traced forward.")

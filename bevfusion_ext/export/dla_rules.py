@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -90,7 +90,7 @@ class GraphInfo:
     scales: dict[str, float]
     producers: dict[str, onnx.NodeProto]
     consumers: dict[str, list[onnx.NodeProto]]
-    trt_version: TrtVersion = (10, 3, 0)
+    trt_version: TrtVersion = field(default_factory=lambda: parse_trt_version(DEFAULT_TRT_VERSION))
 
     def source(self, name: str) -> str:
         """The tensor `name` really is once Q/DQ/Identity are looked through (so scales and constants are found)."""

@@ -720,14 +720,14 @@ _SOFTMAX = _layer("SoftMax Layer (Orin only)")
 _ELTWISE = _layer("ElementWise Layer")
 CITATIONS: dict[str, Citation] = {
     "CONV_3D": _CONV,
-    "CONV_NONCONST_WEIGHT": Citation(f"{_DLA_SW}: Conv/MatMul weights are build-time constants; {_DOMAIN}", _V),
+    "CONV_NONCONST_WEIGHT": Citation(f"{_DLA_SW} says it of MatMul / Gemm only; for Conv {_DOMAIN}", _V),
     "CONV_KERNEL_GT_32": _CONV,
     "CONV_STRIDE_GT_8": _CONV,
     "CONV_DILATION_GT_32": _CONV,
     "CONV_PAD_GE_KERNEL": _CONV,
     "CONV_COUT_GT_8192": _CONV,
     "DECONV_3D": _DECONV,
-    "DECONV_NONCONST_WEIGHT": Citation(f"{_DLA_SW}; {_DOMAIN}", _V),
+    "DECONV_NONCONST_WEIGHT": Citation(_DOMAIN, _V),
     "DECONV_KERNEL_GT_32": _DECONV,
     "DECONV_STRIDE_GT_32": Citation(_DOMAIN, _V),
     "DECONV_SQUARE_23_32": _DECONV,

@@ -25,7 +25,7 @@ POLL_S = 0.05  # how often a blocked stage checks whether the consumer went away
 
 @dataclass
 class Timed:
-    """One frame's output and its latency (first pre-processing step to the end of post-processing)."""
+    """One frame's output and its latency (admission to the end of post-processing)."""
 
     index: int
     name: str
@@ -49,15 +49,10 @@ class _Failed:
 _END = object()
 
 
-def _put(outputs: list[queue.Queue], item: Any, stop: threading.Event) -> None:
-    """Put `item` on every queue, giving up once the consumer has gone (stop set)."""
+def _put(outputs: list[queue.Queue], item: Any) -> None:
+    """Put `item` on every queue (unbounded: the frames in flight are bounded at the source)."""
     for out in outputs:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=POLL_S)
-                break
-            except queue.Full:
-                continue
+        out.put(item)
 
 
 def _get(source: queue.Queue, stop: threading.Event) -> Any:
@@ -85,42 +80,50 @@ class _Stage(threading.Thread):
                 items = [_get(q, self.stop) for q in self.inputs]
                 ended = next((i for i in items if i is _END or isinstance(i, _Failed)), None)
                 if ended is not None:
-                    _put(self.outputs, ended, self.stop)
+                    _put(self.outputs, ended)
                     return
                 try:
                     result = self.work(*items)
                 except BaseException as err:  # handed to the consumer, which re-raises it
-                    _put(self.outputs, _Failed(err), self.stop)
+                    _put(self.outputs, _Failed(err))
                     return
-                _put(self.outputs, result, self.stop)
+                _put(self.outputs, result)
 
 
-def _feed(frames: Iterable[Frame], out: queue.Queue, stop: threading.Event) -> None:
-    """The source thread: (index, frame) pairs, then the end marker (or the failure of the frame iterator)."""
+def _feed(frames: Iterable[Frame], out: queue.Queue, slots: threading.Semaphore, stop: threading.Event) -> None:
+    """The source thread: (index, frame, admission time) once a slot is free, then the end marker (or the failure of
+    the frame iterator). A frame's latency counts from its admission."""
     try:
-        for item in enumerate(frames):
-            _put([out], item, stop)
+        for index, frame in enumerate(frames):
+            while not slots.acquire(timeout=POLL_S):
+                if stop.is_set():
+                    return
+            _put([out], (index, frame, time.perf_counter()))
     except BaseException as err:
-        _put([out], _Failed(err), stop)
+        _put([out], _Failed(err))
         return
-    _put([out], _END, stop)
+    _put([out], _END)
 
 
 class PipelinedRunner:
-    """pre -> (camera || lidar) -> fuser + heads -> post, one thread each, at most `depth` frames between stages."""
+    """pre -> (camera || lidar) -> fuser + heads -> post, one thread each, with at most `depth` frames in flight.
+
+    The bound keeps the latency that of a frame sharing the machine with depth - 1 others (a free-running source would
+    otherwise queue frames between the stages and count the queueing as latency).
+    """
 
     def __init__(self, runtime: Runtime, depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"depth (frames in flight) must be at least 1, got {depth}")
         self.runtime, self.depth = runtime, depth
 
     def run(self, frames: Iterable[Frame]) -> Iterator[Timed]:
         """Outputs in frame order, as each frame finishes post-processing."""
-        rt, stop = self.runtime, threading.Event()
-        q = {name: queue.Queue(self.depth) for name in ("frames", "camera", "lidar", "camera_bev", "lidar_bev", "raw",
-                                                         "out")}
+        rt, stop, slots = self.runtime, threading.Event(), threading.Semaphore(self.depth)
+        q = {name: queue.Queue() for name in ("frames", "camera", "lidar", "camera_bev", "lidar_bev", "raw", "out")}
 
         def pre(item: tuple) -> tuple:
-            index, frame = item
-            start = time.perf_counter()
+            index, frame, start = item
             return index, frame.name, start, rt.preprocess(frame)
 
         def heads(camera: tuple, lidar: tuple) -> tuple:
@@ -140,7 +143,8 @@ class PipelinedRunner:
         ]
         for stage in stages:
             stage.start()
-        threading.Thread(target=_feed, args=(frames, q["frames"], stop), daemon=True, name="bevfusion-feed").start()
+        threading.Thread(target=_feed, args=(frames, q["frames"], slots, stop), daemon=True,
+                         name="bevfusion-feed").start()
         try:
             while True:
                 item = q["out"].get()
@@ -148,6 +152,7 @@ class PipelinedRunner:
                     return
                 if isinstance(item, _Failed):
                     raise item.error
+                slots.release()
                 yield item
         finally:
             stop.set()

@@ -5,6 +5,7 @@ See docs/quantization.md. Nothing here imports mmcv, mmdet or the model code.
 
 from .api import (
     freeze_quantizers,
+    quantization_report,
     quantize_model,
     quantized_layers,
     quantizer_amax,
@@ -16,6 +17,7 @@ from .calibration import calibrate
 from .export import export_qdq_onnx, qdq_node_counts
 from .sensitivity import layer_sensitivity
 from .spec import BACKENDS, CALIBRATORS, LAYER_TYPES, QuantSpec
+from .targets import format_report
 
 __all__ = [
     "BACKENDS",
@@ -24,9 +26,11 @@ __all__ = [
     "QuantSpec",
     "calibrate",
     "export_qdq_onnx",
+    "format_report",
     "freeze_quantizers",
     "layer_sensitivity",
     "qdq_node_counts",
+    "quantization_report",
     "quantize_model",
     "quantized_layers",
     "quantizer_amax",

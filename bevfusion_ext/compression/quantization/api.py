@@ -10,9 +10,10 @@ from torch import nn
 
 from .backend import get_backend
 from .folding import fold_batchnorms
+from .forwards import ROUTE
 from .meta import META_ATTR, QuantMeta, attach_meta, get_meta, load_amax, quantizers
 from .spec import QuantSpec
-from .targets import check_targets, find_targets, model_device, unwrap
+from .targets import Report, check_targets, eval_mode, format_report, model_device, plan_targets, unwrap
 
 STATE_FORMAT = "bevfusion_ext.quantization/1"
 
@@ -33,13 +34,22 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     backend = get_backend(spec.backend)
     backend.check_calibrator(spec.calibrator)
     folded = fold_batchnorms(root) if spec.fold_bn else []
-    targets = find_targets(root, spec)
-    if not targets:
-        raise ValueError(f"no module of types {spec.layers} outside exclude={spec.exclude} to quantize")
-    with backend.quiet():
+    targets, report = plan_targets(root, spec)
+    if all(kind == ROUTE for kind in targets.values()):
+        raise ValueError(f"nothing to quantize with {spec}:\n{format_report(report)}")
+    with backend.quiet(), eval_mode(root):  # mtq.quantize leaves every module in the root's mode: keep each one's
         backend.insert(root, targets, spec)
-    attach_meta(root, QuantMeta(spec.backend, spec, targets, folded))
+    attach_meta(root, QuantMeta(spec.backend, spec, targets, folded, report=report))
     return model
+
+
+def quantization_report(model: nn.Module) -> Report:
+    """{module type: {kind, quantized: count, skipped: {reason: [module names]}}} of a quantized model.
+
+    Lists every module of a quantizable family (layer types and their subclasses, sparse convs, attention-like and
+    known residual blocks), so nothing stays float unexplained; format_report() renders it one line per type.
+    """
+    return get_meta(model).report
 
 
 def quantizer_amax(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,8 +58,8 @@ def quantizer_amax(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the modules carrying quantizers (layers and attention modules), in model order."""
-    return list(get_meta(model).targets)
+    """Names of the modules carrying quantizers (layers, attention and residual blocks), in model order."""
+    return [name for name, kind in get_meta(model).targets.items() if kind != ROUTE]
 
 
 def quantizer_state(model: nn.Module) -> dict[str, Any]:
@@ -80,11 +90,11 @@ def restore_quantizers(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     spec = QuantSpec.from_dict(state["spec"])
     backend = get_backend(state["backend"])
     folded = fold_batchnorms(root, state["folded_bn"])
-    check_targets(root, state["targets"], spec)
-    with backend.quiet():
+    report = check_targets(root, state["targets"], spec)
+    with backend.quiet(), eval_mode(root):
         backend.restore(root, state["targets"], spec, state["backend_state"])
     attach_meta(root, QuantMeta(state["backend"], spec, dict(state["targets"]), folded,
-                                [list(group) for group in state["shared_groups"]]))
+                                [list(group) for group in state["shared_groups"]], report))
     named = quantizers(root)
     unknown = set(state["amax"]) - set(named)
     if unknown:

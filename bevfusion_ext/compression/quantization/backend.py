@@ -16,11 +16,19 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from .attention import ATTENTION_QUANTIZERS
+from .forwards import KIND_QUANTIZERS
+from .sparse import output_channel_axis
 from .spec import BACKENDS, QuantSpec
-from .targets import ATTENTION, join
+from .targets import SPARSE_CONV, join
 
-INPUT, WEIGHT = "input", "weight"  # quantizer roles besides ATTENTION
+INPUT, WEIGHT = "input", "weight"  # quantizer roles of layers; a forward's quantizers have its kind as role
+
+
+def weight_axis(module: nn.Module, kind: str, spec: QuantSpec) -> int | None:
+    """The output-channel axis of a target's weight quantizer (None: per tensor)."""
+    if spec.weight != "per_channel":
+        return None
+    return output_channel_axis(module) if kind == SPARSE_CONV else 0
 
 
 class QuantBackend(ABC):
@@ -35,7 +43,7 @@ class QuantBackend(ABC):
         """{quantizer name: role} for the quantizers `insert` puts on `targets` ({module name: kind})."""
         names = {}
         for module_name, kind in targets.items():
-            roles = ([(attr, ATTENTION) for attr in ATTENTION_QUANTIZERS] if kind == ATTENTION
+            roles = ([(attr, kind) for attr in KIND_QUANTIZERS[kind]] if kind in KIND_QUANTIZERS
                      else [(self.input_attr, INPUT), (self.weight_attr, WEIGHT)])
             names.update({join(module_name, attr): role for attr, role in roles})
         return names

@@ -9,7 +9,7 @@ from torch import nn
 
 from .backend import QuantBackend, get_backend
 from .spec import QuantSpec
-from .targets import unwrap
+from .targets import Report, unwrap
 
 META_ATTR = "_bevfusion_ext_quant"
 
@@ -20,9 +20,10 @@ class QuantMeta:
 
     backend: str
     spec: QuantSpec
-    targets: dict[str, str]  # module name -> kind (LAYER / ATTENTION)
+    targets: dict[str, str]  # module name -> kind (targets.py, forwards.py)
     folded_bn: list[list[str]] = field(default_factory=list)
     shared_groups: list[list[str]] = field(default_factory=list)
+    report: Report = field(default_factory=dict)  # per module type: quantized count, skipped names by reason
 
     @property
     def impl(self) -> QuantBackend:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
 import torch
 from absl import logging as absl_logging
@@ -13,10 +14,11 @@ from pytorch_quantization import nn as quant_nn
 from pytorch_quantization.tensor_quant import QuantDescriptor
 from torch import nn
 
-from .attention import ATTENTION_QUANTIZERS, attention_forward
-from .backend import QuantBackend
+from .backend import QuantBackend, weight_axis
+from .forwards import KIND_QUANTIZERS, bind_methods
+from .sparse import with_features
 from .spec import QuantSpec
-from .targets import ATTENTION
+from .targets import LAYER, SPARSE_CONV, layer_type, quant_forward
 
 QUANT_CLASSES = {
     nn.Conv1d: quant_nn.QuantConv1d, nn.Conv2d: quant_nn.QuantConv2d, nn.Conv3d: quant_nn.QuantConv3d,
@@ -26,26 +28,56 @@ QUANT_CLASSES = {
 
 
 @cache
-def _quant_attention_class(cls: type) -> type:
-    """Subclass of attention class `cls` whose forward quantizes the matmul operands."""
-    return type(f"Quant{cls.__name__}", (cls,), {"forward": attention_forward(cls)})
+def _quant_layer_class(cls: type) -> type:
+    """quant_nn's class for a torch layer type; for a subclass (mmcv's wrappers) one deriving from both, which runs
+    quant_nn's forward of the base type (mmcv's wrappers differ from it only for empty inputs on torch < 1.5)."""
+    quant = QUANT_CLASSES[getattr(nn, layer_type(cls))]
+    return quant if cls in QUANT_CLASSES else type(f"Quant{cls.__name__}", (quant, cls), {})
 
 
-def _convert_layer(module: nn.Module, weight_axis: tuple[int, ...] | None) -> None:
-    """Turn a float layer into its quant_nn class in place, keeping its Parameter objects, hooks and device.
+def _sparse_weight(self: nn.Module) -> torch.Tensor:
+    """`weight` of a quantized sparse conv: fake-quantized inside its forward, the raw Parameter elsewhere."""
+    weight = self._parameters["weight"]
+    return self._weight_quantizer(weight) if self.__dict__.get("_quantizing_weight") else weight
+
+
+@cache
+def _quant_sparse_class(cls: type) -> type:
+    """Subclass of an spconv 1.x conv class whose forward quantizes the input features and the weight."""
+
+    def forward(self: nn.Module, input: Any) -> Any:
+        features = self._input_quantizer(input.features)
+        self._quantizing_weight = True
+        try:
+            return cls.forward(self, with_features(input, features))
+        finally:
+            self._quantizing_weight = False
+
+    return type(f"Quant{cls.__name__}", (cls,), {"forward": forward, "weight": property(_sparse_weight)})
+
+
+@cache
+def _quant_forward_class(cls: type) -> type:
+    """Subclass of a known attention / residual class with its quantized methods."""
+    return type(f"Quant{cls.__name__}", (cls,), bind_methods(quant_forward(cls), cls))
+
+
+def _convert_layer(module: nn.Module, kind: str, axis: int | None) -> None:
+    """Turn a float layer into its quantized class in place, keeping its Parameter objects, hooks and device.
 
     This is what QuantMixin.init_quantizer sets up, without re-running the float constructor.
     """
-    module.__class__ = QUANT_CLASSES[type(module)]
+    module.__class__ = _quant_layer_class(type(module)) if kind == LAYER else _quant_sparse_class(type(module))
     module._fake_quant = True
     module._input_quantizer = quant_nn.TensorQuantizer(QuantDescriptor(num_bits=8))
-    module._weight_quantizer = quant_nn.TensorQuantizer(QuantDescriptor(num_bits=8, axis=weight_axis))
+    module._weight_quantizer = quant_nn.TensorQuantizer(
+        QuantDescriptor(num_bits=8, axis=None if axis is None else (axis,)))
 
 
-def _convert_attention(module: nn.Module) -> None:
-    """Turn a known attention module into its quantized subclass in place, with per-tensor operand quantizers."""
-    module.__class__ = _quant_attention_class(type(module))
-    for attr in ATTENTION_QUANTIZERS:
+def _convert_forward(module: nn.Module, kind: str) -> None:
+    """Turn a known attention / residual module into its quantized subclass in place, with per-tensor quantizers."""
+    module.__class__ = _quant_forward_class(type(module))
+    for attr in KIND_QUANTIZERS[kind]:
         setattr(module, attr, quant_nn.TensorQuantizer(QuantDescriptor(num_bits=8)))
 
 
@@ -66,13 +98,12 @@ class PytorchQuantizationBackend(QuantBackend):
 
     def insert(self, model: nn.Module, targets: dict[str, str], spec: QuantSpec) -> None:
         """Convert each target in place; quantizers compute amax dynamically until calibrated."""
-        weight_axis = (0,) if spec.weight == "per_channel" else None
         for name, kind in targets.items():
             module = model.get_submodule(name)
-            if kind == ATTENTION:
-                _convert_attention(module)
+            if kind in (LAYER, SPARSE_CONV):
+                _convert_layer(module, kind, weight_axis(module, kind, spec))
             else:
-                _convert_layer(module, weight_axis)
+                _convert_forward(module, kind)
 
     def restore(self, model: nn.Module, targets: dict[str, str], spec: QuantSpec, backend_state: dict) -> None:
         """The conversion is fully described by targets and spec; amax buffers are loaded by the caller."""

@@ -7,11 +7,16 @@ from typing import Any
 
 BACKENDS = ("modelopt", "pytorch_quantization")
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
-LAYER_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Linear")
+# torch layer types (their subclasses too, e.g. mmcv's Linear / ConvTranspose2d wrappers) and BEVFusion's spconv 1.x
+# sparse convolutions (weights per output channel on the Cout axis of [*kernel, Cin, Cout], as CUDA-BEVFusion does).
+TORCH_LAYER_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Linear")
+SPARSE_LAYER_TYPES = ("SparseConv3d", "SubMConv3d")
+LAYER_TYPES = TORCH_LAYER_TYPES + SPARSE_LAYER_TYPES
 WEIGHT_GRANULARITY = ("per_channel", "per_tensor")
 ACTIVATION_GRANULARITY = ("per_tensor",)
 # Fields that decide which quantizers exist; calibration settings may change between quantize and calibrate.
-STRUCTURE_FIELDS = ("backend", "layers", "attention_matmuls", "weight", "activation", "exclude", "fold_bn")
+STRUCTURE_FIELDS = ("backend", "layers", "attention_matmuls", "residual_adds", "weight", "activation", "exclude",
+                    "fold_bn")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -27,6 +32,7 @@ class QuantSpec:
     backend: str = "modelopt"
     layers: list[str] = field(default_factory=lambda: ["Conv2d", "ConvTranspose2d", "Linear", "Conv1d"])
     attention_matmuls: bool = False
+    residual_adds: bool = False
     weight: str = "per_channel"
     activation: str = "per_tensor"
     calibrator: str = "max"

@@ -11,6 +11,7 @@ from mmcv.runner import Hook
 from torch import nn
 
 from ..compression import pruning as core
+from ..compression.pruning.depth import block_list
 from ..compression.recipe import PruningRecipe
 from ..compression.state import record_pruning
 from .hooks import append_jsonl, broadcast_bn_stats, check_ranks_agree
@@ -42,20 +43,31 @@ class ProgressivePruningHook(Hook):
             self._prune_event(runner)
 
     def _start(self, runner: Any, model: nn.Module) -> dict:
-        """On the first event of a run: measure the starting model and find the scale that meets the target."""
+        """On the first event of a run: measure the starting model (params, FLOPs, block and head counts) and find
+        the scale that meets the target with the final block and head counts."""
         schedule = self._schedule_state(runner)
         if "scale" not in schedule:
             params, flops = core.count_params_flops(model, self.example)
-            target = dict(params_reduction=self.recipe.params_reduction, flops_reduction=self.recipe.flops_reduction)
+            target = dict(params_reduction=self.recipe.params_reduction, flops_reduction=self.recipe.flops_reduction,
+                          depth=self.recipe.depth, heads=self.recipe.heads)
             searched = target["params_reduction"] is not None or target["flops_reduction"] is not None
             scale = (
                 decide_on_rank0(lambda: core.scale_for_target(model, self.example, self.spec, **target))
                 if searched
                 else 1.0
             )
-            schedule.update(scale=scale, start_params=params, start_flops=flops)
-            runner.logger.info("pruning: start %d params, %d FLOPs, group scale %.3f", params, flops, scale)
+            schedule.update(scale=scale, start_params=params, start_flops=flops,
+                            start_blocks=core.block_counts(model, list(self.recipe.depth)),
+                            start_heads=core.head_counts(model, list(self.recipe.heads)))
+            runner.logger.info("pruning: start %d params, %d FLOPs, group scale %.3f, blocks %s, heads %s", params,
+                               flops, scale, schedule["start_blocks"], schedule["start_heads"])
         return schedule
+
+    def _counts(self, model: nn.Module, schedule: dict, events_done: int) -> tuple[dict[str, int], dict[str, int]]:
+        """Block and head counts to have after `events_done` events (SECOND stages: their target at once)."""
+        depth = self.recipe.counts_after(events_done, self.recipe.depth, schedule.get("start_blocks", {}))
+        depth = {p: n if block_list(model, p).scheduled else self.recipe.depth[p] for p, n in depth.items()}
+        return depth, self.recipe.counts_after(events_done, self.recipe.heads, schedule.get("start_heads", {}))
 
     def _prune_event(self, runner: Any) -> None:
         """One event: plan on rank 0, apply everywhere, rebuild DDP + optimizer, verify and record."""
@@ -65,14 +77,24 @@ class ProgressivePruningHook(Hook):
         schedule = self._start(runner, model)
         done = schedule["events_done"]
         step = self.recipe.step_ratios(done, schedule["scale"])
-        history = decide_on_rank0(lambda: core.plan_pruning(model, self.example, self.spec, step))
+        depth, heads = self._counts(model, schedule, done + 1)
+        before = self._structure(model)
+        history = decide_on_rank0(lambda: core.plan_pruning(model, self.example, self.spec, step, depth=depth,
+                                                            heads=heads))
         rebuild_around(runner, lambda m: core.apply_pruning(m, self.example, history), self.rewrap, self.new_optimizer)
         digests = check_ranks_agree(model, f"pruning event {done + 1}")
-        self._record(runner, model, history, step, digests, time.perf_counter() - tic)
+        self._record(runner, model, history, step, digests, time.perf_counter() - tic, before)
 
-    def _record(self, runner: Any, model: nn.Module, history: list, step: dict, digests: list, seconds: float) -> None:
+    def _structure(self, model: nn.Module) -> dict[str, dict[str, int]]:
+        """Current block counts of the recipe's depth paths and head counts of its heads paths."""
+        return {"blocks": core.block_counts(model, list(self.recipe.depth)),
+                "heads": core.head_counts(model, list(self.recipe.heads))}
+
+    def _record(self, runner: Any, model: nn.Module, history: list, step: dict, digests: list, seconds: float,
+                before: dict[str, dict[str, int]]) -> None:
         schedule = self._schedule_state(runner)
         params, flops = core.count_params_flops(model, self.example)
+        after = self._structure(model)
         event = {
             "event": schedule["events_done"] + 1,
             "epoch": runner.epoch,
@@ -84,6 +106,7 @@ class ProgressivePruningHook(Hook):
             "params_reduction": 1.0 - params / schedule["start_params"],
             "flops_reduction": 1.0 - flops / schedule["start_flops"],
             "group_channels": core.group_channels(model, self.spec),
+            **{kind: {path: [before[kind][path], count] for path, count in after[kind].items()} for kind in after},
             "digest_per_rank": digests,
             "seconds": round(seconds, 3),
         }

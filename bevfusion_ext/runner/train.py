@@ -19,7 +19,14 @@ from mmcv.utils import get_logger
 from torchpack import distributed as tp_dist
 
 from ..compression import checkpoint_weights, load_state_dict_strict, read_checkpoint
-from ..compression.recipe import CompressionRecipe, PruningRecipe, RecipeError, check_groups, parse_recipe
+from ..compression.recipe import (
+    CompressionRecipe,
+    PruningRecipe,
+    RecipeError,
+    check_groups,
+    check_structure,
+    parse_recipe,
+)
 from ..compression.state import empty_state, restore_architecture
 from .builder import (
     build_dataloader,
@@ -244,6 +251,7 @@ def _check_world_size(checkpoint: dict, path: str) -> None:
 def _check_groups(recipe: PruningRecipe, model: torch.nn.Module, sources: ConfigSources) -> None:
     try:
         check_groups(recipe, [n for n, _ in model.named_modules()])
+        check_structure(recipe, model)
     except RecipeError as err:
         raise sources.error(err.key, err.problem, err.fix) from None
 

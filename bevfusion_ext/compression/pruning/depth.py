@@ -10,6 +10,8 @@ Block lists are recognised by structure (no mmdet / mmdet3d import), named by a 
 - **SECOND stage** (mmdet3d ``SECOND.blocks[i]``): an ``nn.Sequential`` of conv -> norm -> activation units. Its
   entry unit (strided, widening) stays; the others are counted and removable while shape-preserving (in == out
   channels, stride 1, same padding). They are plain convs, not residual blocks: removal makes the stage shallower.
+  Channel pruning changes each conv's width on its own, so a progressive schedule removes them all at its first
+  event, before any channel of theirs goes (``BlockList.scheduled`` is False).
 
 Criterion: block influence, 1 - cos(input, output) per sample of each block on the example batch, averaged (one
 eval-mode forward of the tracing forward): the block whose output is closest to its input changes the least when
@@ -49,6 +51,11 @@ class BlockList:
     container: nn.Module
     units: list[list[int]]
     minimum: int
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether blocks go progressively (residual lists keep one width) or all at the first event (SECOND)."""
+        return self.kind != "SECOND stage"
 
     @property
     def removable(self) -> list[int]:

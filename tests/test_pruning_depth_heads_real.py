@@ -125,3 +125,16 @@ def test_real_model_event_reaches_the_counts_trains_and_reloads_strictly(real: S
     apply_pruning(fresh, real.batch, real.history)
     fresh.load_state_dict(real.replayed.state_dict(), strict=True)
     assert model_digest(fresh) == model_digest(real.replayed)
+
+
+def test_the_shipped_structure_recipe_fits_the_real_model(real: SimpleNamespace) -> None:
+    from bevfusion_ext.compression.recipe import check_structure, parse_recipe
+    from bevfusion_ext.runner.train import prepare_config
+
+    structure = ROOT / "configs/compression/prune_structure.yaml"
+    recipes = ["--recipe", str(ROOT / SYNTHETIC_CPU), "--recipe", str(structure)]
+    cfg, _ = prepare_config(str(BEVFUSION_ROOT / SWINT_DET), recipes)
+    recipe = parse_recipe(cfg.compression).pruning
+    assert recipe.depth == {"encoders.camera.backbone.stages.2": 4, "decoder.backbone.blocks.0": 4,
+                            "decoder.backbone.blocks.1": 4} and recipe.heads == {"heads.object": 6}
+    check_structure(recipe, real.dense)

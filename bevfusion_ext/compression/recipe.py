@@ -11,6 +11,7 @@ from torch import nn
 
 from .pruning.depth import check_depth_target
 from .pruning.heads import check_head_target
+from .pruning.sparsity import KINDS as SPARSITY_KINDS
 from .pruning.spec import IMPORTANCES, MAX_RATIO, PruningSpec
 from .quantization.spec import QuantSpec
 
@@ -49,6 +50,14 @@ class PruningSchedule:
 
 
 @dataclass(frozen=True)
+class Sparsity:
+    """A sparsity penalty added to the training loss until the last pruning event (pruning/sparsity.py)."""
+
+    kind: str
+    strength: float
+
+
+@dataclass(frozen=True)
 class PruningRecipe:
     """What to prune (channel ratios, block and head counts), how much, how to rank channels and when."""
 
@@ -61,6 +70,7 @@ class PruningRecipe:
     flops_reduction: float | None = None
     depth: dict[str, int] = field(default_factory=dict)  # block list path -> blocks left at the end
     heads: dict[str, int] = field(default_factory=dict)  # attention blocks' path -> heads left at the end
+    sparsity: Sparsity | None = None
 
     def spec(self) -> PruningSpec:
         """The core pruning spec this recipe prunes with (groups, importance, round_to, protected layers)."""
@@ -164,7 +174,7 @@ def _counts(section: dict, name: str, key: str, minimum: int, example: str) -> d
 def parse_pruning(section: dict, key: str = "compression.pruning") -> PruningRecipe:
     """Validate a `compression.pruning` mapping into a PruningRecipe."""
     _expect(section, dict, key)
-    allowed = ("groups", "schedule", "importance", "round_to", "protected", "target", "depth", "heads")
+    allowed = ("groups", "schedule", "importance", "round_to", "protected", "target", "depth", "heads", "sparsity")
     _unknown_keys(section, allowed, key)
     depth = _counts(section, "depth", key, 0, "'encoders.camera.backbone.stages.2: 4'")
     heads = _counts(section, "heads", key, 1, "'heads.object: 6'")
@@ -194,6 +204,7 @@ def parse_pruning(section: dict, key: str = "compression.pruning") -> PruningRec
         raise RecipeError(f"{key}.target", "needs channel groups: the target is met by scaling their ratios",
                           "Add groups, or drop the target (depth and heads are counts, not searched).")
     schedule = _parse_schedule(_expect(section.get("schedule", {}), dict, f"{key}.schedule"), f"{key}.schedule")
+    sparsity = _parse_sparsity(section.get("sparsity"), groups, f"{key}.sparsity")
     return PruningRecipe(
         groups=ratios,
         schedule=schedule,
@@ -202,8 +213,26 @@ def parse_pruning(section: dict, key: str = "compression.pruning") -> PruningRec
         protected=tuple(protected),
         depth=depth,
         heads=heads,
+        sparsity=sparsity,
         **reductions,
     )
+
+
+def _parse_sparsity(section: dict | None, groups: dict, key: str) -> Sparsity | None:
+    """The optional sparsity penalty: a kind and a positive strength, on the recipe's channel groups."""
+    if not section:
+        return None
+    _expect(section, dict, key)
+    _unknown_keys(section, ("kind", "strength"), key)
+    kind = _expect(section.get("kind", "bn_scale"), str, f"{key}.kind")
+    if kind not in SPARSITY_KINDS:
+        raise RecipeError(f"{key}.kind", f"is '{kind}'", f"Use one of: {', '.join(SPARSITY_KINDS)}.")
+    strength = float(_expect(section.get("strength"), (int, float), f"{key}.strength"))
+    if not strength > 0:
+        raise RecipeError(f"{key}.strength", f"is {strength}, must be > 0", "Use e.g. 1.0e-4.")
+    if not groups:
+        raise RecipeError(key, "acts on the channel groups, and there are none", "Add groups or drop sparsity.")
+    return Sparsity(kind, strength)
 
 
 def check_structure(recipe: PruningRecipe, model: nn.Module, key: str = "compression.pruning") -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..compression import pruning as core
 from ..compression.pruning.depth import block_list
+from ..compression.pruning.sparsity import SparsityPenalty
 from ..compression.recipe import PruningRecipe
 from ..compression.state import record_pruning
 from .hooks import append_jsonl, broadcast_bn_stats, check_ranks_agree
@@ -125,3 +126,28 @@ class ProgressivePruningHook(Hook):
         )
         if runner.rank == 0:
             append_jsonl(osp.join(runner.work_dir, "pruning_events.jsonl"), event)
+
+
+class SparsityHook(Hook):
+    """Add the recipe's sparsity penalty to every iteration's loss until the last pruning event; register it above
+    the optimizer hook, whose backward then carries its gradient (all-reduced by DDP like the rest)."""
+
+    def __init__(self, recipe: PruningRecipe, example_batch: dict) -> None:
+        self.recipe, self.example = recipe, example_batch
+        self.penalty: SparsityPenalty | None = None
+        self.built_after = -1  # events done when the penalty's groups were found
+
+    def after_train_iter(self, runner: Any) -> None:
+        """Add the penalty to runner.outputs['loss'] (log: loss_sparsity); rebuild its groups after an event."""
+        done = runner.compression_state.get("schedule", {}).get("events_done", 0)
+        if done >= self.recipe.schedule.num_events:
+            self.penalty = None
+            return
+        if self.penalty is None or self.built_after != done:
+            sparsity = self.recipe.sparsity
+            self.penalty = SparsityPenalty(runner.model.module, self.example, self.recipe.spec(), sparsity.kind,
+                                           sparsity.strength)
+            self.built_after = done
+        penalty = self.penalty()
+        runner.outputs["loss"] = runner.outputs["loss"] + penalty
+        runner.log_buffer.update({"loss_sparsity": float(penalty.detach())}, runner.outputs.get("num_samples", 1))

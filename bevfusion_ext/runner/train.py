@@ -39,7 +39,7 @@ from .builder import (
 from .config import ConfigError, ConfigSources, load_config, validate_config
 from .hooks import GradientSyncHook, MetricsEvalHook, NonFiniteGuardHook, RankConsistencyHook
 from .parallel import DistributedDataParallel, unwrap_batch
-from .pruning import ProgressivePruningHook
+from .pruning import ProgressivePruningHook, SparsityHook
 from .quantization import QuantizationHook
 from .runner import CompressionEpochBasedRunner
 from .upstream import prepare_bevfusion
@@ -209,6 +209,8 @@ def train(config_path: str, opts: list[str], run_dir: str | None = None) -> Path
     if recipe.pruning is not None:
         # NORMAL: after the LR hook sets this iteration's LR, and (after_train_iter) after the optimizer hook's backward
         runner.register_hook(ProgressivePruningHook(recipe.pruning, example, rewrap, new_optimizer), priority="NORMAL")
+        if recipe.pruning.sparsity is not None:  # HIGH: its penalty joins the loss before the optimizer hook's backward
+            runner.register_hook(SparsityHook(recipe.pruning, example), priority="HIGH")
 
     if cfg.get("resume_from"):
         runner.preload(cfg.resume_from, checkpoint)

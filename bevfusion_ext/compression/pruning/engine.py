@@ -44,6 +44,7 @@ class _Candidate:
     multiple: int  # kept channels must be a multiple of this (round_to and every coupled attention's head count)
     weight: int  # channel layers whose out channels this group's channels are (group_channels units)
     attention: list[nn.Module]  # attention blocks whose inputs are this group: their head dims shrink alike
+    group: tp.Group  # the Torch-Pruning group itself (sparsity.py regularises its weights)
 
     @property
     def channels(self) -> int:
@@ -122,7 +123,7 @@ def _candidates(model: nn.Module, graph: tp.DependencyGraph, spec: PruningSpec,
             prefix=prefix, root=group[0].dep.target.module, importance=score(group),
             multiple=math.lcm(spec.round_to, *heads),
             weight=sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or type(m) in pruners for m in targets),
-            attention=attention,
+            attention=attention, group=group,
         ))
     return found
 

@@ -7,7 +7,8 @@ them from the autograd walk, which would otherwise go through them):
 - fused-qkv attention (mmdet ``WindowMSA``): ``qkv`` Linear reshaped to ``(3, heads, C // heads)`` + ``proj``;
 - fused in_proj attention (BEVFusion's TransFusion ``MultiheadAttention``): ``in_proj_weight`` / ``in_proj_bias``
   Parameters sliced into q/k/v blocks + ``out_proj``;
-- unfold patch merging (mmcv ``PatchMerging``): ``nn.Unfold`` channel order ``c * k + j`` -> LayerNorm -> Linear.
+- unfold patch merging (mmcv ``PatchMerging``): ``nn.Unfold`` channel order ``c * k + j`` -> LayerNorm -> Linear;
+- spconv 1.x sparse convs (BEVFusion's ``SparseEncoder``): ``[*k, C_in, C_out]`` weights, in sparse.py.
 
 Attention head dims (the inner width) are pruned separately with :meth:`AttentionPruner.prune_head_dims`, the
 same number in every head; ``num_heads``, the relative position bias table and the softmax scale stay. Whole heads

@@ -3,6 +3,7 @@ on fresh seeded random inputs of the deployed shapes, with a documented toleranc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ class Tolerance:
 TOLERANCES = {
     "fp32": Tolerance(1e-4, 1e-5, "same float math; only summation order differs"),
     "qdq": Tolerance(0.15, 0.01, "fake quantization vs ORT Q/DQ: rare rounding flips propagate (DOMAIN.md 5)"),
-    "noqdq": Tolerance(1e-4, 1e-5, "fake-quantized weights are bit-identical, activations float on both sides"),
+    "noqdq": Tolerance(1e-4, 1e-5, "fake-quantized weights and quantized graph constants are bit-identical, "
+                       "activations float on both sides"),
 }
 
 
@@ -70,16 +72,17 @@ def check_part(
     examples: dict[str, torch.Tensor],
     flavour: str,
     seed: int,
+    constants: Iterable[str] = (),
 ) -> dict:
-    """One flavour of one part: onnxruntime vs the PyTorch part (in that flavour's quantization mode)."""
+    """One flavour of one part: onnxruntime vs the PyTorch part (in that flavour's quantization mode; `constants`:
+    quantizers of Q/DQ-graph constants, see parts.constant_quantizers)."""
     inputs, tol = random_inputs(examples, seed), TOLERANCES[flavour]
     actual = run_onnx(path, inputs)
-    with flavour_mode(model, flavour):
+    with flavour_mode(model, flavour, constants):
         free = _as_tuple(module(*inputs.values()))
         aligned = _as_tuple(part.align(module, inputs, actual)) if part.align else free
     outputs = {name: compare(ref, actual[name], tol) for name, ref in zip(part.outputs, aligned, strict=True)}
-    ranked = {f"{name}[top-k]": compare(free[part.outputs.index(name)], actual[name], tol) for name in part.ranked}
-    outputs.update(ranked)
+    outputs.update({f"{name}[free]": compare(free[part.outputs.index(name)], actual[name], tol) for name in part.free})
     return {
         "flavour": flavour,
         "seed": seed,

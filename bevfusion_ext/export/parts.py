@@ -11,16 +11,18 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import onnxsim
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from ..compression.pruning.counting import call_model
@@ -30,10 +32,18 @@ from ..compression.quantization.meta import META_ATTR, quantizers
 from ..models.transfusion import BOX_CODE
 from ..models.vtransforms import DepthLSSTransform as ReferenceLSS
 from ..models.vtransforms import bev_pool
+from .dla_rules import attr, graph_info
 
 OPSET = 17
 PREDICTIONS = (*BOX_CODE, "heatmap", "query_labels", "query_scores")  # TransFusionHead.forward keys get_bboxes reads
 OBJECT_OUTPUTS = (*PREDICTIONS, "query_cells")
+# BEVFusion's own heads (mmdet3d fork), recognised by qualified class name so the export needs no import of it.
+BEVFUSION_TRANSFUSION = "mmdet3d.models.heads.bbox.transfusion.TransFusionHead"
+BEVFUSION_SEGMENTATION = "mmdet3d.models.heads.segm.vanilla.BEVSegmentationHead"
+# forward_single keys BEVFusion's get_bboxes reads (+ head.query_labels); dense_heatmap is the top-k's input.
+BEVFUSION_PREDICTIONS = (*BOX_CODE, "heatmap", "query_heatmap_score")
+BEVFUSION_OBJECT_OUTPUTS = (*BEVFUSION_PREDICTIONS, "query_labels", "dense_heatmap")
+TENSORRT_TOPK_MAX_K = 3840  # TensorRT's TopK layer: k <= 3840 (TensorRT operator reference, TopK)
 Activations = dict[str, tuple[tuple, Any]]  # module path -> (forward args, output) on the example sample
 
 
@@ -119,6 +129,48 @@ class ObjectHead(nn.Module):
             return self(bev)
 
 
+class BEVFusionObjectHead(nn.Module):
+    """BEVFusion's own TransFusionHead through its own forward (heatmap convs, local-max NMS, top-k proposals as ONNX
+    TopK, transformer decoder, prediction FFNs), as CUDA-BEVFusion's head.bbox; box decoding stays post-processing."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.head = model.heads["object"]
+
+    def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """BEV features -> per-query predictions of every decoder layer, proposal labels and the dense heatmap."""
+        dense: list[torch.Tensor] = []
+        hook = self.head.heatmap_head.register_forward_hook(lambda _module, _args, out: dense.append(out))
+        try:
+            [[preds]] = self.head(bev, None)  # forward(feats, metas) -> ([preds],); forward_single reads no metas
+        finally:
+            hook.remove()
+        return (*(preds[name] for name in BEVFUSION_PREDICTIONS), self.head.query_labels, dense[0])
+
+    def aligned(self, bev: torch.Tensor, dense_heatmap: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs with the heatmap head's output replaced by `dense_heatmap` (onnxruntime's), so the head picks its
+        proposals from the same scores: near-tied top-k picks then compare like for like."""
+        hook = self.head.heatmap_head.register_forward_hook(lambda _module, _args, _out: dense_heatmap)
+        try:
+            return self(bev)
+        finally:
+            hook.remove()
+
+
+def is_instance_of(module: nn.Module, qualified_name: str) -> bool:
+    """True if `module`'s class or a base class is `qualified_name` (module path + class name)."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" == qualified_name for cls in type(module).__mro__)
+
+
+def _transfusion_missing(model: nn.Module) -> str | None:
+    """Why BEVFusion's TransFusionHead of this config cannot be exported, or None."""
+    branches = list(model.heads["object"].prediction_heads[0].heads)
+    if sorted(branches) != sorted((*BOX_CODE, "heatmap")):
+        return (f"heads.object predicts {branches}; the export's outputs are BEVFusion's nuScenes branches "
+                f"{[*BOX_CODE, 'heatmap']}")
+    return None
+
+
 class BEVPool(nn.Module):
     """The lift + scatter_add BEV pool between camera.backbone and camera.vtransform (a CUDA kernel on the Orin)."""
 
@@ -167,8 +219,9 @@ class PartDef:
     target: str  # "dla" (conv-only, meant for a DLA core) or "gpu"
     summary: str
     align: Callable[[nn.Module, dict, dict], tuple] | None = None  # PyTorch outputs for onnxruntime's top-k picks
-    ranked: tuple[str, ...] = ()  # top-k value outputs, also compared without alignment
+    free: tuple[str, ...] = ()  # outputs also compared on PyTorch's own run: the top-k's values or its input
     missing: Callable[[nn.Module], str | None] = lambda m: None  # why this model's module cannot be exported, or None
+    upstream: str = ""  # the BEVFusion class (qualified name) this definition is for; "" for the reference model's
 
 
 PARTS: dict[str, PartDef] = {
@@ -229,10 +282,10 @@ PARTS: dict[str, PartDef] = {
             align=lambda module, inputs, ort: module.aligned(
                 *inputs.values(), *(torch.from_numpy(ort[name]) for name in ("query_labels", "query_cells"))
             ),
-            ranked=("query_scores",),
+            free=("query_scores",),
             missing=lambda m: None if hasattr(m.heads["object"], "proposals") else (
-                f"heads.object is {type(m.heads['object']).__name__} without a `proposals` top-k seam (BEVFusion's "
-                "own TransFusionHead): its ONNX export is not implemented yet, so the bundle has no object head"),
+                f"heads.object is {type(m.heads['object']).__name__}, neither BEVFusion's TransFusionHead nor the "
+                "reference one (no `proposals` top-k seam): its ONNX export is not implemented"),
         ),
         PartDef(
             "head.map",
@@ -246,6 +299,50 @@ PARTS: dict[str, PartDef] = {
         ),
     )
 }
+# The parts of BEVFusion's own heads, whose outputs differ from the reference model's (part_for picks them).
+BEVFUSION_PARTS: dict[str, PartDef] = {
+    p.name: p
+    for p in (
+        PartDef(
+            "head.object",
+            ("heads.object",),
+            BEVFusionObjectHead,
+            lambda m, a: {"bev_features": _arg(a, "heads.object", 0, 0)},
+            BEVFUSION_OBJECT_OUTPUTS,
+            lambda m, a: tuple(_out(a, "heads.object")[0][0][name] for name in BEVFUSION_PREDICTIONS),
+            "gpu",
+            "BEVFusion's TransFusion head through its own forward: heatmap, local-max NMS, top-k proposals (TopK), "
+            "transformer decoder, prediction FFNs (raw tensors)",
+            align=lambda module, inputs, ort: module.aligned(*inputs.values(), torch.from_numpy(ort["dense_heatmap"])),
+            free=("dense_heatmap",),
+            missing=_transfusion_missing,
+            upstream=BEVFUSION_TRANSFUSION,
+        ),
+        PartDef(
+            "head.map",
+            ("heads.map",),
+            lambda m: m.get_submodule("heads.map"),
+            lambda m, a: {"bev_features": _arg(a, "heads.map", 0, 0)},
+            ("masks_bev",),
+            lambda m, a: (_out(a, "heads.map"),),
+            "gpu",
+            "BEVFusion's BEVSegmentationHead: grid_sample onto the map grid + classifier + sigmoid (per-class "
+            "probabilities; thresholds afterwards)",
+            upstream=BEVFUSION_SEGMENTATION,
+        ),
+    )
+}
+
+
+def part_for(model: nn.Module, name: str) -> PartDef:
+    """The definition of part `name` for this model: BEVFusion's own head classes have their own, else PARTS'."""
+    own = BEVFUSION_PARTS.get(name)
+    if own is not None and _has(model, own.modules[0]) and is_instance_of(model.get_submodule(own.modules[0]),
+                                                                           own.upstream):
+        return own
+    return PARTS[name]
+
+
 # Not an ONNX part of the bundle (a CUDA kernel on the Orin), but exported alone to check the scatter_add pool in ORT.
 BEV_POOL = PartDef(
     "camera.bev_pool",
@@ -297,10 +394,17 @@ def unavailable_reason(model: nn.Module, part: PartDef) -> str | None:
     module = part.build(model)
     if not any(True for _ in module.parameters()):
         return f"{part.modules[-1]} has no layers in this config"
-    if "coors" in inspect.signature(module.forward).parameters:
+    if part.modules == ("encoders.lidar.backbone",) and sparse_lidar_encoder(model):
         return (f"{part.modules[-1]} is a sparse-conv encoder (voxel features + coordinates): on the Orin it runs as "
-                "a CUDA sparse-conv library (libspconv in CUDA-BEVFusion), not as an ONNX/TensorRT part")
+                "a CUDA sparse-conv library (libspconv in CUDA-BEVFusion), not as an ONNX/TensorRT part; its tensor "
+                "contract is the report's lidar.sparse_encoder kernel")
     return None
+
+
+def sparse_lidar_encoder(model: nn.Module) -> bool:
+    """True for BEVFusion's spconv SparseEncoder (its forward takes voxel coordinates), not a dense lidar backbone."""
+    return _has(model, "encoders.lidar.backbone") and "coors" in inspect.signature(
+        model.get_submodule("encoders.lidar.backbone").forward).parameters
 
 
 def first_sample(batch: dict) -> dict:
@@ -308,15 +412,36 @@ def first_sample(batch: dict) -> dict:
     return {key: value[:1] for key, value in batch.items()}
 
 
+def _copied(value: Any) -> Any:
+    """`value` with every tensor cloned (through lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()
 def capture(model: nn.Module, sample: dict) -> Activations:
-    """Run the real model (eval) on `sample` and keep every tapped module's inputs and output."""
+    """Run the real model (eval) on `sample` and keep copies of every tapped module's inputs and output.
+
+    Copies, because the model edits some in place afterwards: BEVFusion's get_bboxes decodes TransFusion's `center`
+    and `dim` in place, its DepthLSSTransform shifts the points.
+    """
     acts: Activations = {}
+    inputs: dict[str, tuple] = {}
+
+    def keep_inputs(path: str) -> Callable:
+        return lambda _module, args: inputs.update({path: _copied(args)})
 
     def keep(path: str) -> Callable:
-        return lambda _module, args, out: acts.update({path: (args, out)})
+        return lambda _module, _args, out: acts.update({path: (inputs[path], _copied(out))})
 
-    hooks = [model.get_submodule(path).register_forward_hook(keep(path)) for path in TAPPED if _has(model, path)]
+    tapped = {path: model.get_submodule(path) for path in TAPPED if _has(model, path)}
+    hooks = [module.register_forward_pre_hook(keep_inputs(path)) for path, module in tapped.items()]
+    hooks += [module.register_forward_hook(keep(path)) for path, module in tapped.items()]
     try:
         call_model(model.eval(), sample, return_loss=False)
     finally:
@@ -331,12 +456,17 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 @contextmanager
-def flavour_mode(model: nn.Module, flavour: str) -> Iterator[None]:
-    """Fake quantization as the flavour's ONNX computes it: none (fp32), all (qdq), weights only (noqdq)."""
+def flavour_mode(model: nn.Module, flavour: str, constants: Iterable[str] = ()) -> Iterator[None]:
+    """Fake quantization as the flavour's ONNX computes it: none (fp32), all (qdq), weights only (noqdq).
+
+    `constants`: quantizers whose input is a constant of the Q/DQ graph; in noqdq they stay on like the weights' (see
+    constant_quantizers).
+    """
     named = quantizers(model) if is_quantized(model) else {}
     saved = {name: quantizer._disabled for name, (quantizer, _) in named.items()}
-    for quantizer, role in named.values():
-        if flavour == "fp32" or (flavour == "noqdq" and role != WEIGHT):
+    kept = set(constants)
+    for name, (quantizer, role) in named.items():
+        if flavour == "fp32" or (flavour == "noqdq" and role != WEIGHT and name not in kept):
             quantizer.disable()
     try:
         yield
@@ -345,14 +475,55 @@ def flavour_mode(model: nn.Module, flavour: str) -> Iterator[None]:
             quantizer._disabled = saved[name]
 
 
+def _quantized_constants(qdq: onnx.ModelProto) -> dict[tuple[int, ...], list[np.ndarray]]:
+    """The constants QuantizeLinear nodes of a Q/DQ graph read (weights and constant activations), by shape."""
+    info = graph_info(qdq)
+    found: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for node in qdq.graph.node:
+        value = info.consts.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if value is not None:
+            found.setdefault(tuple(value.shape), []).append(value)
+    return found
+
+
+@torch.no_grad()
+def constant_quantizers(model: nn.Module, module: nn.Module, examples: dict[str, torch.Tensor],
+                        qdq: onnx.ModelProto) -> list[str]:
+    """Activation quantizers whose input the Q/DQ graph holds as a constant (TransFusion's BEV-grid coordinates of
+    the cross-attention position embedding): the quantizer that reads exactly that tensor on the example.
+
+    Q/DQ on a constant is folded like a weight's (onnxsim here, TensorRT's builder on the Orin), so the Q/DQ-free
+    graph keeps that fake quantization, as the QAT model computed it; its PyTorch reference must keep it too.
+    """
+    constants = _quantized_constants(qdq)
+    found: list[str] = []
+
+    def check(name: str) -> Callable:
+        def hook(_quantizer: nn.Module, args: tuple) -> None:
+            x = args[0].detach().numpy()
+            if any(np.array_equal(x, c) for c in constants.get(tuple(x.shape), ())):
+                found.append(name)
+        return hook
+
+    activations = {n: q for n, (q, role) in quantizers(model).items() if role != WEIGHT and not q._disabled}
+    hooks = [q.register_forward_pre_hook(check(name)) for name, q in activations.items()]
+    try:
+        module(*examples.values())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sorted(set(found))
+
+
 def random_inputs(examples: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Fresh inputs of the example shapes, uniform over each example's value range (the range quantizers saw)."""
+    """Fresh inputs of the example shapes: each example's own values in a seeded random order.
+
+    The values keep the deployed distribution (ReLU sparsity, the magnitudes quantizers were calibrated on) while no
+    position is kept; uniform draws over [min, max] of sparse BEV features saturated TransFusion's heatmap sigmoid to
+    exactly 1.0, whose tied top-k picks PyTorch's argsort and ONNX TopK order differently.
+    """
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, x in examples.items():
-        lo, hi = float(x.min()), float(x.max())
-        out[name] = torch.rand(x.shape, generator=g, dtype=x.dtype) * (hi - lo) + lo
-    return out
+    return {name: x.flatten()[torch.randperm(x.numel(), generator=g)].view(x.shape) for name, x in examples.items()}
 
 
 @contextmanager
@@ -413,13 +584,101 @@ def export_onnx(
                 output_names=list(outputs),
             )
     exported = onnx.load(str(path))
+    batch_unbatched_pools(exported)
     drop_empty_scatters(exported, inputs)
     with _stderr_silenced():  # onnxsim's C++ side logs every constant it cannot fold (Swin's shifted-window mask)
         simplified, ok = onnxsim.simplify(exported)
     if not ok:
         raise RuntimeError(f"onnxsim could not validate the simplified {path.name}")
+    shrink_sorted_topk(simplified)
     onnx.save(simplified, str(path))
     return simplified
+
+
+POOLS = ("MaxPool", "AveragePool", "LpPool")
+
+
+def batch_unbatched_pools(model: onnx.ModelProto) -> int:
+    """Give every pooling node that reads an unbatched (C, H, W) tensor the batch axis its 2-D attributes need.
+
+    F.max_pool2d takes (C, H, W) input; the TorchScript exporter means to unsqueeze it but compares the rank as a
+    graph value with an int (never equal: pytorch/pytorch#127875), so the ONNX MaxPool gets 2-D kernel attributes on a
+    rank-3 tensor and onnxruntime refuses the file ("Attribute dilations has incorrect size"). BEVFusion's
+    TransFusionHead pools heatmap[:, 8] and heatmap[:, 9] that way (kernel 1, nuScenes pedestrian and cone).
+    """
+    if not any(n.op_type in POOLS for n in model.graph.node):
+        return 0
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.input)
+             if v.type.tensor_type.HasField("shape")}
+    nodes, fixed = [], 0
+    for node in model.graph.node:
+        kernel = attr(node, "kernel_shape") if node.op_type in POOLS else None
+        if kernel is None or ranks.get(node.input[0]) != len(kernel) + 1:
+            nodes.append(node)
+            continue
+        axis, source, result = f"{node.name}/batch_axis", node.input[0], node.output[0]
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.int64), axis))
+        node.input[0], node.output[0] = f"{node.name}/batched_input", f"{node.name}/batched_output"
+        nodes += [
+            onnx.helper.make_node("Unsqueeze", [source, axis], [node.input[0]], name=f"{node.name}/batch"),
+            node,
+            onnx.helper.make_node("Squeeze", [node.output[0], axis], [result], name=f"{node.name}/unbatch"),
+        ]
+        fixed += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return fixed
+
+
+def _first_k(node: onnx.NodeProto, info: Any, axis: int) -> int | None:
+    """k if `node` is a Slice taking the first k elements along `axis` (constant starts 0, step 1), else None."""
+    if node.op_type != "Slice":
+        return None
+    starts, ends, axes, steps = (info.consts.get(node.input[i]) if len(node.input) > i and node.input[i] else None
+                                 for i in range(1, 5))
+    rank = len(info.shape(node.input[0]) or ())
+    if starts is None or ends is None or starts.size != 1 or int(starts[0]) != 0:
+        return None
+    if (axes is not None and int(axes[0]) % rank != axis) or (axes is None and axis != 0):
+        return None
+    return int(ends[0]) if steps is None or int(steps[0]) == 1 else None
+
+
+def shrink_sorted_topk(model: onnx.ModelProto) -> int:
+    """A full sort cut to its first k (BEVFusion's `argsort(descending)[..., :P]` exports as TopK over every element +
+    Slice) becomes TopK(k): the same elements in the same order (ONNX TopK breaks ties by lower index either way), and
+    TensorRT's TopK takes k <= TENSORRT_TOPK_MAX_K only. Returns how many TopK nodes were shrunk."""
+    topks = [n for n in model.graph.node if n.op_type == "TopK" and attr(n, "sorted", 1)]
+    if not topks:
+        return 0
+    info, shrunk, dropped = graph_info(model), 0, set()
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in topks:
+        rank, k = len(info.shape(node.input[0]) or ()), info.consts.get(node.input[1])
+        readers = [info.consumers.get(out, []) for out in node.output]
+        if k is None or not rank or any(len(r) > 1 for r in readers) or graph_outputs & set(node.output):
+            continue
+        axis = attr(node, "axis", -1) % rank
+        firsts = {_first_k(r[0], info, axis) for r in readers if r}
+        if len(firsts) != 1 or None in firsts or min(firsts) >= int(k.reshape(-1)[0]):
+            continue
+        name = f"{node.name}/k"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([firsts.pop()], np.int64), name))
+        node.input[1] = name
+        for i, r in enumerate(readers):
+            if r:
+                node.output[i] = r[0].output[0]
+                dropped.add(r[0].output[0])
+        shrunk += 1
+    kept = [n for n in model.graph.node if not (n.op_type == "Slice" and n.output[0] in dropped)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    resized = {out for n in topks for out in n.output}  # their recorded shapes still have the old k
+    infos = [v for v in model.graph.value_info if v.name not in resized]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(infos)
+    return shrunk
 
 
 def _vtransform_call(model: nn.Module, acts: Activations) -> dict[str, Any]:
@@ -451,7 +710,7 @@ def _points(clouds: list[torch.Tensor] | torch.Tensor) -> dict:
 def _lidar_contracts(model: nn.Module, acts: Activations) -> list[dict]:
     """Voxelization + lidar encoder contracts: BEVFusion's sparse encoder, or the reference's dense stand-in part."""
     backbone_args = _arg(acts, "encoders.lidar.backbone")
-    sparse = "coors" in inspect.signature(model.get_submodule("encoders.lidar.backbone").forward).parameters
+    sparse = sparse_lidar_encoder(model)
     voxels = [_spec("voxels", backbone_args[0].shape)]
     if sparse:
         voxels.append(_spec("voxel_coords", backbone_args[1].shape, "int32"))
@@ -511,22 +770,41 @@ def kernel_contracts(model: nn.Module, acts: Activations) -> list[dict]:
         ]
     if "encoders.lidar.backbone" in acts:
         contracts += _lidar_contracts(model, acts)
-    if "heads.object" in acts and PARTS["head.object"].missing(model) is None:
-        preds = _out(acts, "heads.object")
-        contracts.append(
-            {
-                "name": "head.object.decode",
-                "runs_as": "CUDA / CPU post-processing",
-                "inputs": [
-                    _spec(name, preds[name].shape, str(preds[name].dtype).removeprefix("torch."))
-                    for name in PREDICTIONS
-                ],
-                "outputs": [_spec("boxes_3d", ["K", 7]), _spec("scores_3d", ["K"]), _spec("labels_3d", ["K"], "int64")],
-                "notes": "last decoder layer; score = sigmoid(heatmap[label]) * query_score; box decode, score "
-                "threshold, sort, K <= max_num (TransFusionHead.get_bboxes)",
-            }
-        )
+    part = part_for(model, "head.object") if "heads.object" in acts else None
+    if part is not None and part.missing(model) is None:
+        contracts.append(_decode_contract(model, acts, part))
     return contracts
+
+
+def _tensor_spec(name: str, x: torch.Tensor) -> dict:
+    return _spec(name, x.shape, str(x.dtype).removeprefix("torch."))
+
+
+def _decode_contract(model: nn.Module, acts: Activations, part: PartDef) -> dict:
+    """Box decoding after head.object: the reference head's or BEVFusion's TransFusionHead.get_bboxes."""
+    scores = [_spec("scores_3d", ["K"]), _spec("labels_3d", ["K"], "int64")]
+    if part.upstream != BEVFUSION_TRANSFUSION:
+        preds = _out(acts, "heads.object")
+        return {
+            "name": "head.object.decode",
+            "runs_as": "CUDA / CPU post-processing",
+            "inputs": [_tensor_spec(name, preds[name]) for name in PREDICTIONS],
+            "outputs": [_spec("boxes_3d", ["K", 7]), *scores],
+            "notes": "last decoder layer; score = sigmoid(heatmap[label]) * query_score; box decode, score "
+            "threshold, sort, K <= max_num (TransFusionHead.get_bboxes)",
+        }
+    preds = _out(acts, "heads.object")[0][0]
+    return {
+        "name": "head.object.decode",
+        "runs_as": "CUDA / CPU post-processing (CUDA-BEVFusion's TransFusion post-process kernel)",
+        "inputs": [*(_tensor_spec(name, preds[name]) for name in BEVFUSION_PREDICTIONS),
+                   _spec("query_labels", [1, model.heads["object"].num_proposals], "int64")],
+        "outputs": [_spec("boxes_3d", ["K", 9]), *scores],
+        "notes": "BEVFusion's TransFusionHead.get_bboxes on the last decoder layer's P queries: score = "
+        "sigmoid(heatmap) x query_heatmap_score x one_hot(query_labels), class = argmax; "
+        "TransFusionBBoxCoder.decode (center x out_size_factor x voxel_size + pc_range, exp(dim), bottom z, "
+        "atan2(rot), velocity), post_center_range and score_threshold filter; circle NMS per task if test_cfg.nms_type",
+    }
 
 
 def param_count(module: nn.Module) -> int:

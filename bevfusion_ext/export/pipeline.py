@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..compression import CheckpointError, read_checkpoint
+from ..compression.quantization import qdq_node_counts
 from ..compression.quantization.folding import fold_batchnorms
 from ..compression.quantization.meta import get_meta
 from ..compression.state import CompressionStateError, pruning_events
@@ -37,13 +39,16 @@ from .parts import (
     Activations,
     PartDef,
     capture,
+    constant_quantizers,
     export_onnx,
     first_sample,
     flavour_mode,
     is_quantized,
     kernel_contracts,
     param_count,
+    part_for,
     random_inputs,
+    sparse_lidar_encoder,
     unavailable_reason,
 )
 from .report import write_report
@@ -111,7 +116,7 @@ def _load(options: ExportOptions) -> tuple[nn.Module, object, dict]:
 
 def _select(model: nn.Module, requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """Parts to export and, for the default selection, those this model lacks (an explicit request must exist)."""
-    reasons = {name: unavailable_reason(model, PARTS[name]) for name in requested or PARTS}
+    reasons = {name: unavailable_reason(model, part_for(model, name)) for name in requested or PARTS}
     missing = {name: why for name, why in reasons.items() if why}
     if requested and missing:
         raise ExportError("; ".join(f"part {name} cannot be exported: {why}" for name, why in missing.items()))
@@ -157,6 +162,8 @@ def _int8(
 ) -> tuple[onnx.ModelProto, dict[str, float], list[str]]:
     """Q/DQ ONNX (GPU INT8) and, for the DLA, the Q/DQ-free ONNX + calibration cache + FP16 list; parity into entry."""
     qdq = export_onnx(module, examples, part.outputs, paths["qdq"], qdq=True)
+    entry["qdq_nodes"] = qdq_node_counts(str(paths["qdq"]))
+    entry["noqdq_constant_quantizers"] = constants = constant_quantizers(model, module, examples, qdq)
     stripped = strip_qdq(qdq)
     onnx.save(stripped, str(paths["noqdq"]))
     scales = propagate_scales(stripped, scales_from_qdq(qdq))
@@ -164,7 +171,7 @@ def _int8(
     fp16 = fp16_layers(stripped, scales)
     paths["fp16_layers"].write_text("".join(f"{name}\n" for name in fp16))
     entry["parity"].update(
-        {f: parity.check_part(model, part, module, paths[f], examples, f, seed) for f in ("qdq", "noqdq")}
+        {f: parity.check_part(model, part, module, paths[f], examples, f, seed, constants) for f in ("qdq", "noqdq")}
     )
     entry["batchnorm_nodes_in_qdq"] = sum(n.op_type == "BatchNormalization" for n in qdq.graph.node)
     return stripped, scales, fp16
@@ -262,6 +269,18 @@ def _bev_pool_check(model: nn.Module, acts: Activations, seed: int) -> dict:
     return {"inputs": _specs(examples), "fidelity_max_abs": fidelity, "ops": ops, "parity": {"fp32": check}}
 
 
+def _capture(model: nn.Module, batch: dict) -> Activations:
+    """The parts' example tensors from one forward of the model; its failure named where it happened."""
+    try:
+        return capture(model, first_sample(batch))
+    except Exception as err:  # the model's own code: whatever it raises, the export cannot go on without examples
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        raise ExportError(
+            f"the model's forward on the first example failed at {frame.filename}:{frame.lineno} "
+            f"({type(err).__name__}: {err}); the export takes every part's example inputs from one forward"
+        ) from err
+
+
 def _describe(model: nn.Module, folded: int) -> dict:
     """How the exported model was quantized and what happened to its BatchNorms."""
     if not is_quantized(model):
@@ -304,11 +323,11 @@ def export_bundle(
     """
     start, tag = time.perf_counter(), calib_tag(options.trt_version)
     folded = 0 if is_quantized(model) else len(fold_batchnorms(model))
-    acts = capture(model, first_sample(batch))
+    acts = _capture(model, batch)
     parts = {}
     for name in names:
         t = time.perf_counter()
-        parts[name] = export_part(model, PARTS[name], acts, root, tag, options.seed)
+        parts[name] = export_part(model, part_for(model, name), acts, root, tag, options.seed)
         verdicts = ", ".join(f"{f} {'ok' if p['passed'] else 'FAILED'}" for f, p in parts[name]["parity"].items())
         nodes = parts[name]["placement"]["nodes"]
         log(
@@ -351,11 +370,22 @@ def export_bundle(
 
 
 def _notes(model: nn.Module) -> list[str]:
-    notes = [
-        "Parts are batch 1 with static shapes; the camera parts take all N cameras of a frame as their batch.",
-        "lidar.backbone is the reference model's dense stand-in for BEVFusion's spconv encoder; in BEVFusion that "
-        "stage is the CUDA spconv library, with the same output contract.",
-    ]
+    lidar = (
+        "lidar.backbone is BEVFusion's spconv SparseEncoder: not an ONNX part. On the Orin it runs as a GPU kernel "
+        "library (CUDA-BEVFusion's libspconv) with the tensor contract `lidar.sparse_encoder` above (voxels + int32 "
+        "coordinates in, dense lidar_bev out, the fuser's input)."
+        if sparse_lidar_encoder(model)
+        else "lidar.backbone is the reference model's dense stand-in for BEVFusion's spconv encoder; in BEVFusion "
+        "that stage is the CUDA spconv library, with the same output contract."
+    )
+    notes = ["Parts are batch 1 with static shapes; the camera parts take all N cameras of a frame as their batch.",
+             lidar]
+    if "heads.object" in model.heads and part_for(model, "head.object").upstream:
+        notes.append(
+            "head.object is BEVFusion's TransFusionHead through its own forward, top-k proposals included (one ONNX "
+            "TopK, k = num_proposals <= TensorRT's 3840): onnxruntime and PyTorch pick proposals from the same dense "
+            "heatmap (PyTorch re-runs on onnxruntime's `dense_heatmap`), so near-tied picks compare like for like."
+        )
     if not is_quantized(model):
         notes.append(
             "No quantizers in this checkpoint: only FP32 ONNX (GPU FP16 engines); DLA placement is checked "

@@ -44,6 +44,11 @@ def _latency(entry: dict) -> str:
     )
 
 
+def _qdq(entry: dict) -> str:
+    counts = entry.get("qdq_nodes")
+    return f"{counts['QuantizeLinear']} / {counts['DequantizeLinear']}" if counts else "-"
+
+
 def _summary(report: dict) -> list[str]:
     rows = []
     for name, e in report["parts"].items():
@@ -55,6 +60,7 @@ def _summary(report: dict) -> list[str]:
                 "<br>".join(map(_shape, e["inputs"])),
                 "<br>".join(map(_shape, e["outputs"])),
                 f"{e['params'] / 1e6:.3f}",
+                _qdq(e),
                 f"{e['gflops']:.3f}",
                 " ".join(f"{f}: {_worst(p)}" for f, p in e["parity"].items()),
                 f"{sum(n['on_dla'] for n in nodes)}/{len(nodes)}",
@@ -69,6 +75,7 @@ def _summary(report: dict) -> list[str]:
         "inputs",
         "outputs",
         "params (M)",
+        "Q / DQ nodes",
         "GFLOPs",
         "parity (error / bound)",
         "DLA layers",
@@ -95,9 +102,15 @@ def _parity(report: dict) -> list[str]:
     seed, threads = report["settings"]["seed"], report["settings"]["ort_threads"]
     lines += [
         "",
-        f"onnxruntime CPU, {threads} threads, fresh uniform random inputs over each example input's range "
-        f"(seed {seed}). head.object is compared on onnxruntime's top-k proposals (`query_scores[top-k]` "
-        "compares the top-k values themselves), so near-tied picks do not count as errors.",
+        f"onnxruntime CPU, {threads} threads, fresh inputs: each example input's own values in a random order "
+        f"(seed {seed}). head.object is compared on onnxruntime's top-k proposals, so near-tied picks do not count "
+        "as errors: the reference head re-runs on onnxruntime's `query_labels` / `query_cells`, BEVFusion's "
+        "TransFusionHead on onnxruntime's `dense_heatmap`; `[free]` rows compare PyTorch's own run (the top-k "
+        "values, the heatmap the top-k reads).",
+        "",
+        *(f"- noqdq of {name} keeps the fake quantization of Q/DQ-graph constants, as TensorRT folds them: "
+          f"{', '.join(f'`{q}`' for q in e['noqdq_constant_quantizers'])}"
+          for name, e in report["parts"].items() if e.get("noqdq_constant_quantizers")),
         "",
     ]
     return lines + _table(

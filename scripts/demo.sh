@@ -20,7 +20,6 @@ case "${1:-reference}" in
     COMMON=()
     # round_to 4: the tiny model's layers have 16-128 channels (the recipe's 8 is for real BEVFusion widths).
     PRUNE=(--compression.pruning.round_to 4)
-    QAT=()
     ;;
   real)
     RUN="${DEMO_RUN_DIR:-runs/demo-real}"
@@ -29,7 +28,6 @@ case "${1:-reference}" in
     [ -f "$CONFIG" ] || { echo "error: no BEVFusion checkout at $BEVFUSION_ROOT: set BEVFUSION_ROOT" >&2; exit 2; }
     COMMON=(--cpu-ops --recipe configs/bevfusion/synthetic_cpu.yaml)
     PRUNE=()
-    QAT=(--recipe configs/bevfusion/qat_keep_out_proj_float.yaml)
     ;;
   *) echo "usage: bash scripts/demo.sh [reference|real]" >&2; exit 2 ;;
 esac
@@ -49,7 +47,7 @@ fi
 if [ "$STAGE" -le 3 ]; then
   echo "== 3/4 INT8 calibration + QAT (configs/compression/qat_int8.yaml) -> $RUN/qat"
   rm -rf "$RUN/qat"
-  "${TRAIN[@]}" --run-dir "$RUN/qat" --recipe configs/compression/qat_int8.yaml "${QAT[@]}" \
+  "${TRAIN[@]}" --run-dir "$RUN/qat" --recipe configs/compression/qat_int8.yaml \
       --load_from "$RUN/pruned/latest.pth"
 fi
 

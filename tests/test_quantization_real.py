@@ -320,6 +320,46 @@ def test_sparse_convs_per_output_channel_and_trainable(backend: str, real: Simpl
     assert all(float(model[i].weight.grad.abs().sum()) > 0 for i in (0, 3))
 
 
+def every_kind(real: SimpleNamespace) -> nn.ModuleDict:
+    """One module of each kind: mmcv Linear in a Swin block (residual Adds, WindowMSA), BEVFusion's attention, an
+    spconv stage with a SparseBasicBlock."""
+    torch.manual_seed(0)
+    sp = real.spconv
+    block = real.SparseBasicBlock(8, 8, conv_cfg={"type": "SubMConv3d", "indice_key": "subm1"},
+                                  norm_cfg={"type": "BN1d", "eps": 1e-3, "momentum": 0.01})
+    return nn.ModuleDict({"swin": real.swin.SwinBlock(16, 2, 32, window_size=3, shift=True),
+                          "attention": real.transformer.MultiheadAttention(16, 4),
+                          "sparse": sp.SparseSequential(block, sp.SparseConv3d(8, 4, 3, stride=2, padding=1))}).eval()
+
+
+def every_kind_forward(model: nn.Module, batch: tuple) -> torch.Tensor:
+    x, q, sparse = copy.deepcopy(batch)
+    outputs = (model["swin"](x, (6, 6)), model["attention"](q, q, q)[0], model["sparse"](sparse).features)
+    return torch.cat([t.flatten() for t in outputs])
+
+
+@needs_bevfusion
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("matmuls", [True, False])
+def test_every_kind_round_trips_through_the_state(backend: str, matmuls: bool, real: SimpleNamespace,
+                                                   tmp_path: Path) -> None:
+    model = every_kind(real)
+    spec = QuantSpec(backend=backend, layers=ALL_LAYERS, attention_matmuls=matmuls, residual_adds=True)
+    batches = [(torch.randn(2, 36, 16), torch.randn(5, 2, 16), *sparse_input(real, 8, seed)) for seed in range(2)]
+    quantize_model(model, spec)
+    calibrate(model, spec, batches, every_kind_forward)
+    torch.save({"quant": quantizer_state(model), "state_dict": model.state_dict()}, tmp_path / "ckpt.pth")
+    saved = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    fresh = every_kind(real)
+    restore_quantizers(fresh, saved["quant"])
+    fresh.load_state_dict(saved["state_dict"], strict=True)
+    assert quantization_report(fresh) == quantization_report(model)
+    assert set(get_meta(fresh).targets.values()) == {"layer", "sparse_conv", "residual",
+                                                     "attention" if matmuls else "route"}
+    with torch.no_grad():
+        assert torch.equal(every_kind_forward(fresh, batches[0]), every_kind_forward(model, batches[0]))
+
+
 # --- the whole real model --------------------------------------------------------------------------------------------
 
 REAL_COUNTS = {  # quantized modules per type on the Swin-T camera+lidar model with every option

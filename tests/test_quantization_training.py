@@ -70,6 +70,9 @@ def test_most_sensitive_layers_stay_fp16_and_are_recorded(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     [event] = jsonl(tmp_path / "quantization_events.jsonl")
     assert len(event["fp16_layers"]) == 2
+    excluded = {name for entry in event["modules"].values() for reason, names in entry["skipped"].items()
+                for name in names if reason.startswith("excluded by")}  # the per-type report names them
+    assert set(event["fp16_layers"]) == excluded and "quantization: modules by type" in newest_log(tmp_path)
     meta = read_checkpoint(tmp_path / "epoch_1.pth")["meta"]["compression"]
     assert meta["quantization_event"]["fp16_layers"] == event["fp16_layers"]
     model, _, _ = load_compressed_model(str(ROOT / TINY), str(tmp_path / "epoch_1.pth"))

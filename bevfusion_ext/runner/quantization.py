@@ -78,9 +78,11 @@ class QuantizationHook(Hook):
                                      f"({len(bad)} bad in all); exclude that layer or check the calibration data")
         digests = check_ranks_agree(model, "calibration")
         runner.compression_state["quantization"] = quant.quantizer_state(model)
+        report = quant.quantization_report(model)
+        runner.logger.info("quantization: modules by type\n%s", quant.format_report(report))
         record = {"epoch": runner.epoch, "iter": runner.iter, "backend": spec.backend, "calibrator": spec.calibrator,
                   "quantizers": len(amax), "fp16_layers": fp16, "batches_per_rank": len(batches),
-                  "digest_per_rank": digests, "seconds": round(time.perf_counter() - tic, 3)}
+                  "digest_per_rank": digests, "seconds": round(time.perf_counter() - tic, 3), "modules": report}
         runner.compression_state["quantization_event"] = record
         runner.logger.info("quantization: %d quantizers calibrated (%s, %s) in %.1f s", len(amax), spec.backend,
                            spec.calibrator, record["seconds"])

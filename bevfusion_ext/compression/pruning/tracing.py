@@ -45,7 +45,7 @@ from .sparse import is_sparse_tensor
 
 TRACED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 CONCATS = (torch.cat, torch.concat, torch.concatenate)
-RESHAPES = (Tensor.view, Tensor.reshape, torch.reshape)
+RESHAPES = (Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten)
 
 
 def tensors(obj: Any) -> list[Tensor]:
@@ -76,7 +76,7 @@ def _folded_depth(source: Tensor, out: Tensor) -> int | None:
     return None
 
 
-class _ConcatWidths(TorchFunctionMode):
+class _TracedShapes(TorchFunctionMode):
     """Records, by output grad_fn, the input widths of every traced torch.cat whose inputs all carry a graph and
     the channel stride of every shape-preserving (1) or channel-folding (D) view."""
 
@@ -93,7 +93,7 @@ class _ConcatWidths(TorchFunctionMode):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if all(t.grad_fn is not None for t in inputs):
                 self.widths[out.grad_fn] = [t.shape[dim] for t in inputs]
-        elif func in RESHAPES and isinstance(out, Tensor) and out.grad_fn is not None:
+        elif func in RESHAPES and isinstance(out, Tensor) and out.grad_fn not in (None, args[0].grad_fn):
             stride = 1 if out.shape == args[0].shape else _folded_depth(args[0], out)
             if stride is not None:
                 self.views[out.grad_fn] = stride
@@ -182,7 +182,7 @@ def build_graph(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | N
     """Trace model (in eval mode, modes restored) into a DependencyGraph that knows our blocks."""
     pruners = block_pruners(model)
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    recorder = _ConcatWidths()
+    recorder = _TracedShapes()
 
     def forward(module: nn.Module, inputs: Any) -> Any:
         with recorder, _without_checkpointing(module), _opaque_blocks(module, pruners):

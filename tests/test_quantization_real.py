@@ -133,6 +133,25 @@ def test_layer_subclasses_are_quantized_and_everything_else_reported(backend: st
     assert not torch.equal(model[0](x), float_out)
 
 
+class WrappedDeconv(nn.ConvTranspose2d):
+    """The structure of mmcv.cnn.bricks.wrappers.ConvTranspose2d (SECONDFPN's upsampling, followed by its BN)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+def test_fold_bn_folds_into_layer_subclasses() -> None:
+    model = nn.Sequential(WrappedDeconv(2, 3, 2, stride=2), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model(torch.randn(4, 2, 5, 5) * 3 + 1)  # warm running statistics
+    x = torch.randn(2, 2, 5, 5)
+    expected = model.eval()(x)
+    quantize_model(model, QuantSpec(fold_bn=True))
+    assert get_meta(model).folded_bn == [["0", "1"]] and isinstance(model[1], nn.Identity)
+    set_quantizers_enabled(model, False)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_an_attention_the_option_cannot_reach_is_a_warning_and_a_reason() -> None:
     with pytest.warns(UserWarning, match=f"attention_matmuls cannot reach {__name__}.FunctionalOutProj"):
         model = quantize_model(nn.Sequential(FunctionalOutProj(), nn.Conv2d(1, 1, 1)),

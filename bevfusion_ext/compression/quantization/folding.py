@@ -25,8 +25,9 @@ def warn_if_cold_bn(model: nn.Module, purpose: str) -> None:
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    """A conv directly followed by a BN over its output channels, with running statistics to fold."""
-    if type(conv) not in CONV_TYPES or type(bn) not in BN_TYPES or not bn.track_running_stats:
+    """A conv (or subclass: mmcv's wrappers) directly followed by a BN over its output channels, with running
+    statistics to fold."""
+    if not isinstance(conv, CONV_TYPES) or not isinstance(bn, BN_TYPES) or not bn.track_running_stats:
         return False
     transposed_groups = isinstance(conv, _ConvTransposeNd) and conv.groups != 1
     return bn.num_features == conv.out_channels and not transposed_groups

@@ -290,10 +290,18 @@ def test_residual_adds_keep_the_float_math(backend: str, case: str, real: Simple
         assert any(names <= set(group) for group in get_meta(model).shared_groups)
 
 
-def add_inputs_from(graph: onnx.GraphProto) -> list[list[str]]:
-    """For each Add node, the op types producing its inputs (initializers count as 'Constant')."""
-    producer = {out: node.op_type for node in graph.node for out in node.output}
-    return [[producer.get(name, "Constant") for name in node.input] for node in graph.node if node.op_type == "Add"]
+def input_sources(graph: onnx.GraphProto, op_type: str) -> list[list[str]]:
+    """For each `op_type` node, the op producing each input, looking through layout ops (Transpose / Reshape), which
+    TensorRT moves Q/DQ across; initializers show as 'Constant'."""
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def source(name: str) -> str:
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Transpose", "Reshape"):
+            node = producer.get(node.input[0])
+        return "Constant" if node is None else node.op_type
+
+    return [[source(name) for name in node.input] for node in graph.node if node.op_type == op_type]
 
 
 @needs_bevfusion
@@ -306,9 +314,11 @@ def test_swin_block_qdq_onnx_adds_between_qdq_inputs(backend: str, real: SimpleN
     quantize_and_compare(model, spec, batches)
     path = str(tmp_path / "swin_block.onnx")
     export_qdq_onnx(model, batches[0], path, ["x"], ["y"])
-    adds = add_inputs_from(onnx.load(path).graph)
+    graph = onnx.load(path).graph
     # The attention and the FFN residual: both inputs dequantized from INT8 on one scale.
-    assert sum(inputs == ["DequantizeLinear", "DequantizeLinear"] for inputs in adds) == 2
+    assert sum(inputs == ["DequantizeLinear"] * 2 for inputs in input_sources(graph, "Add")) == 2
+    # Every MatMul reads INT8: qkv, q @ k^T, attn @ v, proj and the two FFN Linears (the issue's float MatMuls).
+    assert input_sources(graph, "MatMul") == [["DequantizeLinear"] * 2] * 6
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"x": batches[0][0].numpy()})
     with torch.no_grad():

@@ -475,6 +475,43 @@ def flavour_mode(model: nn.Module, flavour: str, constants: Iterable[str] = ()) 
             quantizer._disabled = saved[name]
 
 
+@contextmanager
+def graph_weights(model: nn.Module, module: nn.Module, graph: onnx.ModelProto) -> Iterator[int]:
+    """Every quantized layer of `module` computes with the weight the Q/DQ-free `graph` holds for it (its weight
+    quantizer off); yields how many weights differ from the model's fake quantization by one rounding step.
+
+    The graph's weights are DQ(Q(w)) as ONNX and TensorRT define them (w / (amax / 127), round half to even); ModelOpt's
+    fake quantizer computes w * (127 / amax), so a weight within a float ulp of a half step rounds the other way
+    (about 1e-5 of the weights). More than one step apart means the graph is not this model: an error.
+    """
+    weight_quantizers = {id(q) for q, role in quantizers(model).values() if role == WEIGHT}
+    held = {init.name: init for init in graph.graph.initializer}
+    swapped, flips = [], 0
+    try:
+        for name, layer in module.named_modules():
+            quantizer = next((c for c in layer.children() if id(c) in weight_quantizers and not c._disabled), None)
+            if quantizer is None:
+                continue
+            key = f"{name}.weight" if name else "weight"
+            if key not in held:
+                raise RuntimeError(f"the Q/DQ-free graph has no initializer {key}: cannot compare {name or 'the part'}")
+            with torch.no_grad():
+                fake = quantizer(layer.weight)
+            weight = torch.from_numpy(numpy_helper.to_array(held[key]).copy()).view_as(layer.weight)
+            diff, step = (weight - fake).abs(), quantizer.amax.detach().float() / 127
+            if bool((diff > step * 1.01).any()):
+                raise RuntimeError(f"{key} in the Q/DQ-free graph differs from the model's by more than one step")
+            flips += int((diff > step / 2).sum())
+            swapped.append((layer, quantizer, layer.weight.data))
+            layer.weight.data = weight
+            quantizer.disable()
+        yield flips
+    finally:
+        for layer, quantizer, data in swapped:
+            layer.weight.data = data
+            quantizer.enable()
+
+
 def _quantized_constants(qdq: onnx.ModelProto) -> dict[tuple[int, ...], list[np.ndarray]]:
     """The constants QuantizeLinear nodes of a Q/DQ graph read (weights and constant activations), by shape."""
     info = graph_info(qdq)

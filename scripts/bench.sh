@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up (idempotent), run one benchmark (or all of them) and regenerate benchmarks/README.md from the results:
-#   bash scripts/bench.sh quality|cost_scaling|qat_step|deploy_latency|all [options of that benchmark]
+#   bash scripts/bench.sh quality|cost_scaling|qat_step|deploy_latency|roofline_check|deploy_runtime|all [options]
+# (deploy_runtime times the demo bundle: run scripts/demo.sh first)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-NAMES=(quality cost_scaling qat_step deploy_latency roofline_check)
+NAMES=(quality cost_scaling qat_step deploy_latency roofline_check deploy_runtime)
 if [ $# -lt 1 ]; then echo "usage: $0 {${NAMES[*]// /|}|all} [options]" >&2; exit 2; fi
 name="$1"; shift
 if [ "$name" = all ]; then

@@ -38,16 +38,20 @@ def _cycle(frames: list[Frame], count: int) -> Iterator[Frame]:
     return itertools.islice(itertools.cycle(frames), count)
 
 
+def timed_run(runtime: Runtime, frames: list[Frame], count: int, mode: str = "sequential",
+              depth: int = 2) -> tuple[list[float], float]:
+    """`count` frames (the given ones repeated) in one mode: per-frame latencies and the wall time, in seconds."""
+    run = _runner(runtime, mode, depth)
+    start = time.perf_counter()
+    latencies = [t.latency_s for t in run(_cycle(frames, count))]
+    return latencies, time.perf_counter() - start
+
+
 def benchmark(runtime: Runtime, frames: list[Frame], iterations: int, warmup: int, mode: str = "sequential",
               depth: int = 2) -> dict:
-    """`warmup` untimed frames, then `iterations` timed ones (the given frames repeated) in one mode."""
-    run = _runner(runtime, mode, depth)
-    for _ in run(_cycle(frames, warmup)):
-        pass
-    start = time.perf_counter()
-    timed: list[Timed] = list(run(_cycle(frames, iterations)))
-    return {"mode": mode, "warmup": warmup, **latency_stats([t.latency_s for t in timed],
-                                                            time.perf_counter() - start)}
+    """`warmup` untimed frames, then `iterations` timed ones in one mode: latency percentiles and FPS."""
+    timed_run(runtime, frames, warmup, mode, depth)
+    return {"mode": mode, "warmup": warmup, **latency_stats(*timed_run(runtime, frames, iterations, mode, depth))}
 
 
 def trtexec_times(path: Path) -> dict[str, float]:

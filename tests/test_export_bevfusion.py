@@ -150,8 +150,8 @@ def test_noqdq_keeps_the_quantized_bev_grid_and_would_drift_without_it(quantized
     part, (_, batch) = part_for(model, "head.object"), real
     module, examples = part.build(model).eval(), part.inputs(model, capture(model, first_sample(batch)))
     path = root / entry["files"]["noqdq"]
-    kept = check_part(model, part, module, path, examples, "noqdq", 0, [GRID_QUANTIZER])
-    dropped = check_part(model, part, module, path, examples, "noqdq", 0)
+    kept = check_part(model, part, module, path, examples, "noqdq", 0, [GRID_QUANTIZER], path)
+    dropped = check_part(model, part, module, path, examples, "noqdq", 0, (), path)
     worst = [max(r["max_abs"] for o, r in c["outputs"].items() if o.startswith("center")) for c in (kept, dropped)]
     assert kept["passed"] and worst[1] > 10 * worst[0], worst
 

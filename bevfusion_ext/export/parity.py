@@ -30,7 +30,7 @@ class Tolerance:
 
 TOLERANCES = {
     "fp32": Tolerance(1e-4, 1e-5, "same float math; only summation order differs"),
-    "qdq": Tolerance(0.15, 0.01, "fake quantization vs ORT Q/DQ: rare rounding flips propagate (DOMAIN.md 5)"),
+    "qdq": Tolerance(0.15, 0.01, "fake-quantized activations vs ORT Q/DQ: rare rounding flips propagate (DOMAIN.md 5)"),
     "noqdq": Tolerance(1e-4, 1e-5, "PyTorch computes with the graph's own fake-quantized weights (each within "
                        "one rounding step of the model's) and quantized constants; activations float on both sides"),
 }
@@ -75,12 +75,14 @@ def check_part(
     flavour: str,
     seed: int,
     constants: Iterable[str] = (),
+    weights_from: Path | None = None,
 ) -> dict:
     """One flavour of one part: onnxruntime vs the PyTorch part (in that flavour's quantization mode; `constants`:
-    quantizers of Q/DQ-graph constants, see parts.constant_quantizers)."""
+    quantizers of Q/DQ-graph constants, see parts.constant_quantizers; `weights_from`: the Q/DQ-free graph whose
+    fake-quantized weights PyTorch computes with, see parts.graph_weights)."""
     inputs, tol = random_inputs(examples, seed), TOLERANCES[flavour]
     actual = run_onnx(path, inputs)
-    weights = graph_weights(model, module, onnx.load(str(path))) if flavour == "noqdq" else nullcontext(0)
+    weights = graph_weights(model, module, onnx.load(str(weights_from))) if weights_from else nullcontext(0)
     with flavour_mode(model, flavour, constants), weights as flips:
         free = _as_tuple(module(*inputs.values()))
         aligned = _as_tuple(part.align(module, inputs, actual)) if part.align else free

@@ -170,9 +170,10 @@ def _int8(
     write_calib_cache(scales, paths["cache"], tag)
     fp16 = fp16_layers(stripped, scales)
     paths["fp16_layers"].write_text("".join(f"{name}\n" for name in fp16))
-    entry["parity"].update(
-        {f: parity.check_part(model, part, module, paths[f], examples, f, seed, constants) for f in ("qdq", "noqdq")}
-    )
+    entry["parity"].update({
+        f: parity.check_part(model, part, module, paths[f], examples, f, seed, constants, paths["noqdq"])
+        for f in ("qdq", "noqdq")
+    })
     entry["batchnorm_nodes_in_qdq"] = sum(n.op_type == "BatchNormalization" for n in qdq.graph.node)
     return stripped, scales, fp16
 

@@ -205,8 +205,10 @@ def segmentation_head() -> tuple[nn.Module, list[torch.Tensor]]:
     from bevfusion_ext.runner.train import prepare_config
 
     cfg, _ = prepare_config(str(BEVFUSION_ROOT / SEG), [*OVERLAY, "--model.heads.object", "None"])
+    head_cfg = copy.deepcopy(cfg.model.heads.map)
+    head_cfg.grid_transform.output_scope = [[-50, 50, 2.0], [-50, 50, 2.0]]  # 50 x 50 map cells (BEVFusion: 200 x 200)
     holder = nn.Module()
-    holder.heads = nn.ModuleDict({"map": build_head(cfg.model.heads.map)})
+    holder.heads = nn.ModuleDict({"map": build_head(head_cfg)})
     g = torch.Generator().manual_seed(0)
     head = holder.heads["map"]
     bevs = [torch.randn(1, head.in_channels, 40, 40, generator=g).relu() for _ in range(2)]
@@ -223,7 +225,7 @@ def test_segmentation_head_exports_in_every_flavour(segmentation_head: tuple, tm
             return {"heads.map": (([bevs[0]],), model.heads["map"]([bevs[0]]))}  # BEVFusion calls head(x_list)
 
     dense = export_part(holder, part, acts(holder), tmp_path / "fp32", TAG, 0)
-    assert dense["parity"]["fp32"]["passed"] and dense["outputs"][0]["shape"] == [1, 2, 200, 200]
+    assert dense["parity"]["fp32"]["passed"] and dense["outputs"][0]["shape"] == [1, 2, 50, 50]
     spec = QuantSpec()
     model = quantize_model(copy.deepcopy(holder), spec)
     calibrate(model, spec, bevs, lambda m, bev: m.heads["map"](bev))

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-TRT_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT8": torch.int8, "INT32": torch.int32,
-                    "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
+TRT_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+                    "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8}
 
 
 class BackendUnavailable(RuntimeError):
@@ -113,4 +113,4 @@ class TensorRTBackend:
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError(f"TensorRT failed to enqueue {self.description}")
         self.stream.synchronize()
-        return {n: t.float() if t.dtype == torch.float16 else t for n, t in outputs.items()}
+        return {n: t.float() if t.is_floating_point() else t for n, t in outputs.items()}

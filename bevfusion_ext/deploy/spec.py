@@ -27,9 +27,9 @@ def unsupported(model_cfg: dict) -> str | None:
     """Why the runtime cannot run a model of this config, or None: it implements the reference model's kernels."""
     kind = model_cfg.get("type")
     if kind != RUNTIME_MODEL:
-        return (f"model.type is {kind}: the runtime implements the {RUNTIME_MODEL} kernels (dense voxelization, "
-                "DepthLSSTransform without image augmentation, TransFusion decoding); BEVFusion's own model needs its "
-                "spconv encoder and head, which the bundle does not export")
+        return (f"model.type is {kind}: the runtime implements the {RUNTIME_MODEL} kernels (dense voxelization and "
+                "lidar encoder part, DepthLSSTransform without image augmentation, its TransFusion decoding); "
+                "BEVFusion's own model needs its spconv sparse encoder, a CUDA library with no ONNX part")
     return None
 
 

@@ -9,10 +9,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+import yaml
 from helpers import ROOT, TINY, run_tool
+from mmcv import Config
 
 from bevfusion_ext.compression import atomic_save
 from bevfusion_ext.export import parity
+from bevfusion_ext.export.bundle import config_yaml
 from bevfusion_ext.export.dla_rules import is_layer
 from bevfusion_ext.export.parts import PARTS
 from bevfusion_ext.export.pipeline import ExportCheckFailed, ExportOptions, run
@@ -143,3 +146,8 @@ def test_failed_check_publishes_nothing(checkpoint: Path, tmp_path: Path, monkey
     with pytest.raises(ExportCheckFailed, match=r"head.map \[fp32\] map_logits"):
         run(options, log=lambda line: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bundle_config_is_plain_yaml_also_for_a_config_built_in_python() -> None:
+    cfg = Config(dict(model=dict(xbound=(-54.0, 54.0, 0.6), heads=dict(map=None))))  # no file name, tuples
+    assert yaml.safe_load(config_yaml(cfg)) == {"model": {"xbound": [-54.0, 54.0, 0.6], "heads": {"map": None}}}

@@ -25,6 +25,7 @@ from ..deploy.spec import BundleSpec
 from ..runner.builder import build_dataset
 from ..runner.rebuild import load_compressed_model
 from ..runner.train import prepare_config
+from .bundle import config_yaml
 from .parts import flavour_mode, is_quantized
 
 HEADLINE = ("det/mAP", "det/NDS", "seg/mIoU")
@@ -71,7 +72,7 @@ def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
 
 def check_same_model(cfg: Any, config: str, spec: BundleSpec) -> None:
     """The config's resolved `model` section must be the bundle's (models/config.yaml), else the parts do not fit."""
-    diff = _first_difference(yaml.safe_load(cfg.dump())["model"], spec.config["model"], "model")
+    diff = _first_difference(yaml.safe_load(config_yaml(cfg))["model"], spec.config["model"], "model")
     if diff:
         key, ours, theirs = diff
         raise DeployedEvalError(f"bundle {spec.root} was exported from another config: {key} is {ours!r} in {config} "

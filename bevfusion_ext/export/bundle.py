@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -154,6 +155,12 @@ def install_runtime(root: Path) -> None:
         ["fp32", "qdq", "noqdq"] if quantized else ["fp32"])
     benchmark = root / "scripts" / "benchmark.sh"
     benchmark.write_text(benchmark.read_text() + "\n".join(lines) + "\n")
+
+
+def config_yaml(cfg: Any) -> str:
+    """The resolved config as plain YAML (tuples as lists): mmcv 1.4's Config.dump() fails on a Config without a file
+    name and writes python/tuple tags a safe loader refuses."""
+    return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)), sort_keys=False)
 
 
 def write_metadata(root: Path, config_dump: str, classes: dict[str, list[str]]) -> None:

@@ -28,7 +28,7 @@ from ..compression.state import CompressionStateError, pruning_events
 from ..runner.config import ConfigError
 from ..runner.rebuild import MissingCompressionState, load_compressed_model
 from . import fp16_range, parity
-from .bundle import out_problem, part_files, readme, staged, write_metadata
+from .bundle import config_yaml, out_problem, part_files, readme, staged, write_metadata
 from .calib_cache import calib_tag, fp16_layers, propagate_scales, scales_from_qdq, strip_qdq, write_calib_cache
 from .dla_rules import check_model
 from .partition import Plan, partition
@@ -342,7 +342,7 @@ def export_bundle(
         "object": list(cfg.get("object_classes") or []),
         "map": list(model.heads["map"].classes) if "map" in model.heads else [],
     }
-    write_metadata(root, cfg.dump(), classes)
+    write_metadata(root, config_yaml(cfg), classes)
     write_build_scripts(root, {name: entry["commands"] for name, entry in parts.items()})
     report = {
         "format": FORMAT,

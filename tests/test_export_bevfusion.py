@@ -21,7 +21,7 @@ from torch import nn
 from bevfusion_ext.compression import atomic_save
 from bevfusion_ext.compression.quantization import QuantSpec, calibrate, quantize_model
 from bevfusion_ext.export import calib_tag
-from bevfusion_ext.export.parity import TOLERANCES, check_part, compare, run_onnx
+from bevfusion_ext.export.parity import TOLERANCES, StableSorts, check_part, compare, run_onnx
 from bevfusion_ext.export.parts import (
     BEVFUSION_TRANSFUSION,
     PARTS,
@@ -45,8 +45,7 @@ TAG = calib_tag("10.3")
 OVERLAY = ["--recipe", str(ROOT / SYNTHETIC_CPU)]
 SEG = "configs/nuscenes/seg/fusion-bev256d2-lss.yaml"
 EXPORTED = ("camera.backbone", "camera.vtransform", "fuser", "head.object")  # the det model's ONNX parts
-# Until BEVFusion's F.linear(out_proj.weight) attention path is quantizable, its out_proj stays float.
-SPEC = QuantSpec(exclude=["*.out_proj"])
+SPEC = QuantSpec()  # the default layers, TransFusion's out_proj included (it runs as a module once quantized)
 GRID_QUANTIZER = "heads.object.decoder.0.cross_posembed.position_embedding_head.0.input_quantizer"
 
 
@@ -193,6 +192,15 @@ def test_sorted_cut_becomes_topk_of_k(tmp_path: Path) -> None:
     out = run_onnx(tmp_path / "topk.onnx", x)
     index, score = SortedCut()(**x)
     assert np.array_equal(out["index"], index.numpy()) and np.array_equal(out["score"], score.numpy())
+
+
+def test_reference_sorts_break_ties_like_onnx_topk(tmp_path: Path) -> None:
+    x = {"x": (torch.arange(5000) % 3).float().view(1, 2, 50, 50)}  # every value 1666-fold: the order is the ties'
+    export_onnx(SortedCut(), x, ("index", "score"), tmp_path / "topk.onnx")
+    out = run_onnx(tmp_path / "topk.onnx", x)
+    with StableSorts():
+        index, _ = SortedCut()(**x)
+    assert np.array_equal(out["index"], index.numpy())  # the lowest indices of the largest value, in order
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,14 @@ from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .parts import PartDef, flavour_mode, graph_weights, random_inputs
 
@@ -61,6 +63,20 @@ def compare(reference: torch.Tensor, actual: np.ndarray, tol: Tolerance) -> dict
     return {"max_abs": max_abs, "mean_abs": mean_abs, "scale": scale, "passed": passed}
 
 
+class StableSorts(TorchFunctionMode):
+    """Sorts inside the PyTorch reference keep equal values in index order, as ONNX TopK does: PyTorch's unstable CPU
+    sort leaves ties open, and TransFusion's proposal argsort over a BEV heatmap with many equal cells then picks
+    other proposals than the exported TopK."""
+
+    SORTS = (torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in self.SORTS:
+            kwargs["stable"] = True
+        return func(*args, **kwargs)
+
+
 def _as_tuple(out: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
@@ -83,7 +99,7 @@ def check_part(
     inputs, tol = random_inputs(examples, seed), TOLERANCES[flavour]
     actual = run_onnx(path, inputs)
     weights = graph_weights(model, module, onnx.load(str(weights_from))) if weights_from else nullcontext(0)
-    with flavour_mode(model, flavour, constants), weights as flips:
+    with flavour_mode(model, flavour, constants), weights as flips, StableSorts():
         free = _as_tuple(module(*inputs.values()))
         aligned = _as_tuple(part.align(module, inputs, actual)) if part.align else free
     outputs = {name: compare(ref, actual[name], tol) for name, ref in zip(part.outputs, aligned, strict=True)}

@@ -186,5 +186,6 @@ def test_unmodified_model_reports_no_overflow(exports: dict) -> None:
         assert 0 < result["max_abs"] < AT_RISK_ABOVE and result["tensors_checked"] > 0, name
     assert not [line for line in lines if line.startswith("WARNING")]
     peak = report["parts"]["fuser"]["fp16_range"]
-    row = f"| fuser | {peak['max_abs']:.4g} (`{peak['max_abs_layer']}`) | {FP16_MAX / peak['max_abs']:.1f}x | - | - |"
+    where = peak["max_abs_layer"] or peak["max_abs_tensor"]  # a graph input has no producing layer
+    row = f"| fuser | {peak['max_abs']:.4g} (`{where}`) | {FP16_MAX / peak['max_abs']:.1f}x | - | - |"
     assert row in (out / "report.md").read_text()

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..datasets import SyntheticBEVDataset, collate
 from ..models import MODELS
-from .config import ConfigSources
+from .config import ConfigError, ConfigSources
 from .parallel import unwrap_batch
 from .upstream import import_bevfusion
 
@@ -49,7 +49,11 @@ def _pick_registry(cfg: dict, key: str, ours: Registry, which: int, sources: Con
     kind = cfg["type"]
     if ours.get(kind) is not None:
         return ours
-    theirs = _mmdet3d_registries()[which]
+    try:
+        theirs = _mmdet3d_registries()[which]
+    except ConfigError as err:  # e.g. $BEVFUSION_ROOT set, its compiled ops not built and no --cpu-ops
+        raise sources.error(f"{key}.type", f"unknown type '{kind}' to bevfusion_ext, and BEVFusion's mmdet3d could "
+                            "not be imported to look it up", str(err)) from None
     if theirs is not None and theirs.get(kind) is not None:
         return theirs
     known = sorted(ours.module_dict) + (sorted(theirs.module_dict) if theirs is not None else [])

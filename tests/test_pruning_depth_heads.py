@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from attention_heads import check_in_proj_heads, check_window_msa_heads
 from torch import nn
 
 from bevfusion_ext.compression import model_digest
@@ -21,7 +22,7 @@ from bevfusion_ext.compression.pruning import (
 from bevfusion_ext.compression.pruning.depth import block_influence, block_list, check_depth_target, plan_depth
 from bevfusion_ext.compression.pruning.engine import pruned_copy
 from bevfusion_ext.compression.pruning.heads import check_head_target
-from bevfusion_ext.compression.pruning.pruners import FusedQKVAttentionPruner, InProjAttentionPruner
+from bevfusion_ext.compression.pruning.pruners import FusedQKVAttentionPruner
 from bevfusion_ext.compression.recipe import RecipeError, check_structure, parse_pruning
 from bevfusion_ext.datasets import SyntheticBEVDataset, collate
 from bevfusion_ext.models import build_model, reference_config
@@ -43,13 +44,6 @@ def tiny(seed: int = 0, decoder_layers: int = 2, **overrides) -> nn.Module:
     cfg["heads"]["object"]["num_decoder_layers"] = decoder_layers
     return build_model(cfg)
 
-
-def complement(size: int, idxs: list[int]) -> list[int]:
-    return [i for i in range(size) if i not in idxs]
-
-
-def head_dims(heads: list[int], width: int) -> list[int]:
-    return [h * width + i for h in heads for i in range(width)]
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +74,11 @@ def test_window_msa_head_removal_is_the_dense_attention_without_those_heads() ->
     nn.init.normal_(msa.relative_position_bias_table)
     x, mask = torch.randn(6, 4, 16), torch.randint(0, 2, (3, 4, 4)).float() * -100.0
     heads, channels = [1, 3], [0, 2, 5, 7, 9, 10, 13, 15]  # 2 heads of 4 dims go, and 8 input channels with them
-    dense = copy.deepcopy(msa)
-    with torch.no_grad():  # removed heads contribute nothing once their values are zero
-        dense.qkv.weight.view(3, 16, 16)[2, head_dims(heads, 4)] = 0.0
-        dense.qkv.bias.view(3, 16)[2, head_dims(heads, 4)] = 0.0
-    expected = dense(x.index_fill(2, torch.tensor(channels), 0.0), mask)
-    pruner = FusedQKVAttentionPruner()
-    pruner.prune_heads(msa, heads)
-    pruner.prune_in_channels(msa, channels)
-    torch.testing.assert_close(msa(x[..., complement(16, channels)], mask), expected)
+    dense = check_window_msa_heads(msa, x, mask, heads, channels, 4)
     assert (msa.num_heads, msa.embed_dims, msa.scale) == (2, 8, dense.scale)
     assert torch.equal(msa.relative_position_bias_table, dense.relative_position_bias_table[:, [0, 2]])
     with pytest.raises(ValueError, match="must stay"):
-        pruner.prune_heads(msa, [0, 1])
+        FusedQKVAttentionPruner().prune_heads(msa, [0, 1])
 
 
 def test_transfusion_attention_head_removal_is_the_dense_attention_without_those_heads() -> None:
@@ -100,17 +86,7 @@ def test_transfusion_attention_head_removal_is_the_dense_attention_without_those
     attn = MultiheadAttention(16, 4)
     nn.init.normal_(attn.in_proj_bias)
     query, key = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
-    heads, channels = [0, 2], [1, 3, 4, 6, 8, 11, 12, 14]
-    dense = copy.deepcopy(attn)
-    with torch.no_grad():
-        dense.in_proj_weight.view(3, 16, 16)[2, head_dims(heads, 4)] = 0.0
-        dense.in_proj_bias.view(3, 16)[2, head_dims(heads, 4)] = 0.0
-    zero, keep = torch.tensor(channels), complement(16, channels)
-    expected = dense(query.index_fill(2, zero, 0.0), key.index_fill(2, zero, 0.0), key.index_fill(2, zero, 0.0))
-    pruner = InProjAttentionPruner()
-    pruner.prune_heads(attn, heads)
-    pruner.prune_in_channels(attn, channels)
-    torch.testing.assert_close(attn(query[..., keep], key[..., keep], key[..., keep]), expected)
+    check_in_proj_heads(attn, query, key, [0, 2], [1, 3, 4, 6, 8, 11, 12, 14], 4)
     assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (8, 2, 4)
 
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from attention_heads import check_in_proj_heads, check_window_msa_heads
 from helpers import BEVFUSION_ROOT, ROOT, SWINT_DET, SYNTHETIC_CPU, needs_bevfusion, use_bevfusion
 from torch import nn
 
@@ -19,21 +20,12 @@ from bevfusion_ext.compression.pruning import (
     plan_pruning,
 )
 from bevfusion_ext.compression.pruning.counting import call_model
-from bevfusion_ext.compression.pruning.pruners import FusedQKVAttentionPruner, InProjAttentionPruner
 
 pytestmark = [needs_bevfusion, pytest.mark.usefixtures("one_thread")]
 
 DEPTH = {"encoders.camera.backbone.stages.2": 4, "decoder.backbone.blocks.0": 4}  # Swin 6 -> 4, SECOND 5 -> 4
 HEADS = {"encoders.camera.backbone.stages.3": 20, "heads.object": 6}  # 24 -> 20, 8 -> 6
 GROUPS = {"encoders.camera.neck": 0.25}
-
-
-def head_dims(heads: list[int], width: int) -> list[int]:
-    return [h * width + i for h in heads for i in range(width)]
-
-
-def complement(size: int, idxs: list[int]) -> list[int]:
-    return [i for i in range(size) if i not in idxs]
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +55,7 @@ def test_mmdet_window_msa_loses_whole_heads_exactly() -> None:
     nn.init.normal_(msa.relative_position_bias_table)
     x, mask = torch.randn(6, 4, 24), torch.randint(0, 2, (3, 4, 4)).float() * -100.0
     heads, channels = [1], [0, 3, 4, 9, 11, 17, 20, 23]  # one head of 8 dims, and the 8 input channels it implies
-    dense = copy.deepcopy(msa)
-    with torch.no_grad():
-        dense.qkv.weight.view(3, 24, 24)[2, head_dims(heads, 8)] = 0.0
-        dense.qkv.bias.view(3, 24)[2, head_dims(heads, 8)] = 0.0
-    expected = dense(x.index_fill(2, torch.tensor(channels), 0.0), mask)
-    pruner = FusedQKVAttentionPruner()
-    pruner.prune_heads(msa, heads)
-    pruner.prune_in_channels(msa, channels)
-    torch.testing.assert_close(msa(x[..., complement(24, channels)], mask), expected)
+    dense = check_window_msa_heads(msa, x, mask, heads, channels, 8)
     assert (msa.num_heads, msa.embed_dims, msa.scale) == (2, 16, dense.scale)
     assert torch.equal(msa.relative_position_bias_table, dense.relative_position_bias_table[:, [0, 2]])
 
@@ -84,17 +68,7 @@ def test_bevfusion_multihead_attention_loses_whole_heads_exactly() -> None:
     attn = MultiheadAttention(16, 4)
     nn.init.normal_(attn.in_proj_bias)
     query, key = torch.randn(5, 2, 16), torch.randn(7, 2, 16)  # [L, B, E]
-    heads, channels = [0, 3], [1, 2, 5, 6, 9, 10, 13, 14]
-    dense = copy.deepcopy(attn)
-    with torch.no_grad():
-        dense.in_proj_weight.view(3, 16, 16)[2, head_dims(heads, 4)] = 0.0
-        dense.in_proj_bias.view(3, 16)[2, head_dims(heads, 4)] = 0.0
-    zero, keep = torch.tensor(channels), complement(16, channels)
-    expected = dense(query.index_fill(2, zero, 0.0), key.index_fill(2, zero, 0.0), key.index_fill(2, zero, 0.0))[0]
-    pruner = InProjAttentionPruner()
-    pruner.prune_heads(attn, heads)
-    pruner.prune_in_channels(attn, channels)
-    torch.testing.assert_close(attn(query[..., keep], key[..., keep], key[..., keep])[0], expected)
+    check_in_proj_heads(attn, query, key, [0, 3], [1, 2, 5, 6, 9, 10, 13, 14], 4, output=lambda out: out[0])
     assert (attn.embed_dim, attn.num_heads) == (8, 2)
 
 

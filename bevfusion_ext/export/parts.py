@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -318,15 +318,10 @@ BEVFUSION_PARTS: dict[str, PartDef] = {
             missing=_transfusion_missing,
             upstream=BEVFUSION_TRANSFUSION,
         ),
-        PartDef(
-            "head.map",
-            ("heads.map",),
-            lambda m: m.get_submodule("heads.map"),
-            lambda m, a: {"bev_features": _arg(a, "heads.map", 0, 0)},
-            ("masks_bev",),
-            lambda m, a: (_out(a, "heads.map"),),
-            "gpu",
-            "BEVFusion's BEVSegmentationHead: grid_sample onto the map grid + classifier + sigmoid (per-class "
+        replace(
+            PARTS["head.map"],  # the same module and input; BEVFusion's head applies the sigmoid itself
+            outputs=("masks_bev",),
+            summary="BEVFusion's BEVSegmentationHead: grid_sample onto the map grid + classifier + sigmoid (per-class "
             "probabilities; thresholds afterwards)",
             upstream=BEVFUSION_SEGMENTATION,
         ),

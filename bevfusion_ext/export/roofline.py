@@ -134,9 +134,10 @@ def fused_layers(model: onnx.ModelProto, info: GraphInfo | None = None) -> set[s
     return fused
 
 
-def layer_costs(model: onnx.ModelProto, precision: str = "int8", fp16_layers: Collection[str] = ()) -> list[LayerCost]:
+def layer_costs(model: onnx.ModelProto, precision: str = "int8", fp16_layers: Collection[str] = (),
+                info: GraphInfo | None = None) -> list[LayerCost]:
     """Costs of every layer of a part (Q/DQ looked through, as TensorRT folds them); `fp16_layers` run in FP16."""
-    info = graph_info(model)
+    info = info or graph_info(model)
     fused = fused_layers(model, info)
     return [layer_cost(n, info, "fp16" if layer_name(n) in fp16_layers else precision, layer_name(n) in fused)
             for n in model.graph.node if is_layer(n)]
@@ -150,11 +151,11 @@ def _unit_ms(costs: list[LayerCost], unit: str) -> float | None:
     return 1e3 * sum(c.seconds(unit) for c in costs) + LAUNCH_MS * launches
 
 
-def _plan_ms(costs: list[LayerCost], plan: Plan, model: onnx.ModelProto, precision: str) -> float:
+def _plan_ms(costs: list[LayerCost], plan: Plan, model: onnx.ModelProto, info: GraphInfo, precision: str) -> float:
     """Each layer on the unit the plan puts it on, plus each crossing tensor's DRAM round trip and the fixed costs."""
     device = {name: s.device for s in plan.segments for name in s.layers}
     unit = {"DLA": "dla_core", "GPU": "gpu"}
-    info, graph_inputs = graph_info(model), {i.name for i in model.graph.input}
+    graph_inputs = {i.name for i in model.graph.input}
     crossing = [t for s in plan.segments for t in s.inputs if t not in graph_inputs]
     crossing_bytes = 2 * BYTES_PER_ELEMENT[precision] * sum(_numel(info, t) or 0 for t in crossing)
     gpu_launches = sum(not c.fused and c.op_type not in VIEW_OPS and device[c.name] == "GPU" for c in costs)
@@ -167,11 +168,12 @@ def roofline(model: onnx.ModelProto, precision: str = "int8", plan: Plan | None 
     """JSON-ready projection for one part: totals, GPU-only / one-DLA-core / planned latency and the peaks used."""
     if precision not in BYTES_PER_ELEMENT:
         raise ValueError(f"precision must be one of {sorted(BYTES_PER_ELEMENT)}, got {precision!r}")
-    costs = layer_costs(model, precision, fp16_layers)
+    info = graph_info(model)
+    costs = layer_costs(model, precision, fp16_layers, info)
     dla_peak = PEAKS["dla_core"].get(precision)
     projected = {"gpu": _unit_ms(costs, "gpu"), "dla_core": dla_peak and _unit_ms(costs, "dla_core")}
     if plan is not None and dla_peak:
-        projected["plan"] = _plan_ms(costs, plan, model, precision)
+        projected["plan"] = _plan_ms(costs, plan, model, info, precision)
     return {
         "label": "projection",
         "method": "sum over layers of max(FLOPs / peak, bytes / DRAM bandwidth) at each layer's precision, fused "

@@ -23,16 +23,23 @@ ORT_THREADS = 2
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Bounds on |onnxruntime - PyTorch| / max(1, max |PyTorch|) per float output; integer outputs must be equal."""
+    """Bounds on |onnxruntime - PyTorch| / max(1, max |PyTorch|) per float output; integer outputs must be equal.
+
+    At most `outliers` (a fraction of the elements) may exceed `max_rel`: a Q/DQ rounding flip (an activation within a
+    float ulp of a half step, PyTorch and onnxruntime summing in different orders) propagates through every later layer
+    of a deep part, so in Q/DQ parity the worst element is chaotic while the share of far-off elements stays small.
+    """
 
     max_rel: float
     mean_rel: float
     why: str
+    outliers: float = 0.0
 
 
 TOLERANCES = {
     "fp32": Tolerance(1e-4, 1e-5, "same float math; only summation order differs"),
-    "qdq": Tolerance(0.15, 0.01, "fake-quantized activations vs ORT Q/DQ: rare rounding flips propagate (DOMAIN.md 5)"),
+    "qdq": Tolerance(0.15, 0.01, "fake-quantized activations vs ORT Q/DQ: rare rounding flips propagate (DOMAIN.md 5)",
+                     outliers=1e-3),
     "noqdq": Tolerance(1e-4, 1e-5, "PyTorch computes with the graph's own fake-quantized weights (each within "
                        "one rounding step of the model's) and quantized constants; activations float on both sides"),
 }
@@ -59,8 +66,9 @@ def compare(reference: torch.Tensor, actual: np.ndarray, tol: Tolerance) -> dict
     scale = float(np.abs(ref).max(initial=0.0))
     norm = max(1.0, scale)
     max_abs, mean_abs = float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0
-    passed = bool(np.isfinite(actual).all()) and max_abs <= tol.max_rel * norm and mean_abs <= tol.mean_rel * norm
-    return {"max_abs": max_abs, "mean_abs": mean_abs, "scale": scale, "passed": passed}
+    outliers = float((diff > tol.max_rel * norm).mean()) if diff.size else 0.0
+    passed = bool(np.isfinite(actual).all()) and outliers <= tol.outliers and mean_abs <= tol.mean_rel * norm
+    return {"max_abs": max_abs, "mean_abs": mean_abs, "outliers": outliers, "scale": scale, "passed": passed}
 
 
 class StableSorts(TorchFunctionMode):
@@ -126,7 +134,7 @@ def failures(report_parts: dict[str, dict]) -> list[str]:
                 if not r["passed"]:
                     stats = r.get("detail") or ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k != "passed")
                     lines.append(
-                        f"{name} [{flavour}] {output}: {stats} (tolerance max {tol['max_rel']:g} / mean "
-                        f"{tol['mean_rel']:g} x max(1, max|ref|))"
+                        f"{name} [{flavour}] {output}: {stats} (tolerance max {tol['max_rel']:g} on all but "
+                        f"{tol.get('outliers', 0.0):g} of the elements / mean {tol['mean_rel']:g} x max(1, max|ref|))"
                     )
     return lines

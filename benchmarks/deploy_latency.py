@@ -131,6 +131,7 @@ def projection(entry: dict) -> dict:
     flops = 1e9 * roof["gflops"] or 1.0
     return {
         "precision": precision,
+        "fp16_layers": roof["layer_precisions"].get("fp16", 0) if precision == "int8" else 0,
         "placement": "planned DLA/GPU split" if on_dla else "GPU",
         "projected_ms": roof["projected_ms"]["plan" if on_dla else "gpu"],
         "gflops": roof["gflops"],
@@ -207,13 +208,13 @@ def orin_table(parts: dict, total: dict) -> str:
     rows = []
     for name, r in parts.items():
         d, p = r["orin"]["dense"], r["orin"]["pruned"]
-        rows.append([name, f"{p['precision'].upper()}, {p['placement']}",
+        rows.append([name, f"{p['precision'].upper()} ({p['fp16_layers']} FP16-pinned), {p['placement']}",
                      f"{p['dla_capable_layers']}/{p['layers']} ({100 * p['dla_capable_flop_share']:.0f} %)",
                      f"{100 * d['dla_flop_share']:.0f} % / {100 * p['dla_flop_share']:.0f} %",
                      f"{d['projected_ms']:.2f}", f"{p['projected_ms']:.2f}"])
     orin = total["orin_ms"]
     rows.append(["**frame (sum)**", "", "", "", f"{orin['dense']:.1f}", f"{orin['pruned']:.1f}"])
-    header = ["part", "precision, placement", "DLA-capable layers, pruned (% of FLOPs)",
+    header = ["part", "precision (layers pinned to FP16, pruned), placement", "DLA-capable layers, pruned (% of FLOPs)",
               "FLOPs on DLA (dense / pruned)", "dense ms", "pruned ms"]
     return table(header, rows)
 
@@ -235,6 +236,35 @@ def partial_rig(result: dict) -> str:
     return f"; BEVFusion has {BEVFUSION_CAMERAS} (a quicker run with fewer cameras was asked for)"
 
 
+def parity_results(report: dict) -> dict[str, dict[str, dict]]:
+    """The export's parity result per part (the BEV pool too) and flavour, as the report holds it."""
+    parts = {name: entry["parity"] for name, entry in report["parts"].items()}
+    return {**parts, "camera.bev_pool": report["bev_pool"]["parity"]} if report["bev_pool"] else parts
+
+
+def parity_cell(result: dict) -> str:
+    """One (part, flavour) parity result: its worst output's max abs against its bound, and the share above it."""
+    tol, cells = result["tolerance"], []
+    for r in result["outputs"].values():
+        if "max_abs" in r:
+            bound = tol["max_rel"] * max(1.0, r["scale"])
+            cells.append((r["max_abs"] / bound, f"{r['max_abs']:.2g} / {bound:.2g}, {100 * r['outliers']:.3g} % above"))
+        else:
+            cells.append((float("inf") if not r["passed"] else 0.0, r.get("detail") or f"{r['mismatched']} mismatched"))
+    verdict = "pass" if result["passed"] else "**FAIL**"
+    return f"{verdict}: {max(cells)[1]}"
+
+
+def parity_table(parity: dict[str, dict[str, dict]]) -> str:
+    """Every part and flavour's parity in both variants: worst output's max abs / bound and the share above."""
+    rows = [[name, flavour, f"{r['tolerance']['max_rel']:g}, {100 * r['tolerance']['outliers']:g} %",
+             *(parity_cell(parity[v][name][flavour]) for v in VARIANTS)]
+            for name, flavours in parity["dense"].items() for flavour, r in flavours.items()]
+    header = ["part", "flavour", "bound x max(1, max abs ref), share allowed above",
+              "dense: max abs / bound, share above", "pruned: max abs / bound, share above"]
+    return table(header, rows)
+
+
 def checks(result: dict) -> str:
     """The export's parity verdict in a few words."""
     failed = {v: len(lines) for v, lines in result["export_check_failures"].items() if lines}
@@ -247,7 +277,7 @@ def checks(result: dict) -> str:
 def method(result: dict) -> str:
     """The method paragraph: machine, resolution, models, recipe, export and timing protocol."""
     m, res, prn = result["machine"], result["resolution"], result["pruning"]
-    params, flops = result["params"], result["torch_gflops"]
+    params, flops, load = result["params"], result["torch_gflops"], result["load_average"]
     ratios = ", ".join(f"{g} {100 * r:.0f} %" for g, r in prn["ratios"].items())
     bev, grid, lidar = res["bev_grid"], res["map_grid"], res["lidar_grid"]
     return (
@@ -265,8 +295,9 @@ def method(result: dict) -> str:
         f"of every part in onnxruntime {result['onnxruntime']} on CPU ({m['cpu']}, {m['cores']} cores, intra-op "
         f"threads {m['cores']}, sequential, seeded random inputs), dense and pruned alternating part by part in one "
         f"process, one warm-up run each, median of {result['repeats']} repeats (a frame: the sum of the six parts in "
-        f"one repeat; the kernels between them are not ONNX parts); load average "
-        f"{result['load_average_at_start']:.1f} at the start from other jobs on the machine. GFLOPs per part come "
+        f"one repeat; the kernels between them are not ONNX parts); 1-min load average {load['start']:.1f} at the "
+        f"start, {load['timing_start']:.1f} when timing began and {load['end']:.1f} at the end (other jobs share "
+        f"the machine; the alternation spreads their load over both variants). GFLOPs per part come "
         f"from the export's roofline layer counter on the ONNX graph (2 per MAC, one per output element otherwise)."
     )
 
@@ -298,6 +329,11 @@ def markdown(result: dict, plots: dict[str, Path]) -> str:
 
 {method(result)}
 
+Parity of every exported part and flavour (onnxruntime vs PyTorch on seeded random inputs, as in the export
+report; the worst output per row):
+
+{parity_table(result['parity'])}
+
 FP32 onnxruntime on this CPU (measured):
 
 {ort_table(parts, total)}
@@ -305,8 +341,9 @@ FP32 onnxruntime on this CPU (measured):
 Per frame the pruned model runs {total['speedup']:.2f}x faster where its FLOPs fall {total['flops_ratio']:.2f}x.
 
 Projected Orin latency (**roofline projection from the export report, not a measurement**: per layer max(FLOPs /
-peak, bytes / DRAM bandwidth), ideal utilisation, a lower bound; INT8 for every quantized part, DLA parts at the
-partition plan's DLA/GPU split, GPU parts on the GPU):
+peak, bytes / DRAM bandwidth) at the layer's own precision (INT8 for every quantized part, its FP16-pinned layers at
+FP16), pointwise layers TensorRT fuses moving only their other inputs, assumed fixed costs per kernel launch, DLA<->GPU
+transition and DLA loadable, ideal utilisation; DLA parts at the partition plan's DLA/GPU split, GPU parts on the GPU):
 
 {orin_table(parts, total)}
 
@@ -408,6 +445,7 @@ def main() -> None:
         reports = {v: report for v, (report, _) in exported.items()}
         lap(phases, "export")
         onnx = {(v, p): roots[v] / e["files"]["onnx"] for v in VARIANTS for p, e in reports[v]["parts"].items()}
+        timing_load = os.getloadavg()[0]
         samples = time_parts(onnx, args.repeats)
         lap(phases, "onnxruntime_timing")
     parts, total = summarize(reports, samples)
@@ -416,10 +454,12 @@ def main() -> None:
     result = {
         "size": args.size, "scene": args.scene, "resolution": resolution(args.scene, args.size, args.cameras),
         "repeats": args.repeats, "calibration_frames": args.calibration_frames, "onnxruntime": ort.__version__,
-        "load_average_at_start": load, "params_target": prune_recipe.params_reduction, "pruning": pruning,
+        "load_average": {"start": load, "timing_start": timing_load, "end": os.getloadavg()[0]},
+        "params_target": prune_recipe.params_reduction, "pruning": pruning,
         "params": {v: c[0] for v, c in counts.items()}, "torch_gflops": {v: c[1] / 1e9 for v, c in counts.items()},
         "quantization": reports["pruned"]["source"]["quantization"], "targets_ms": TARGETS_MS,
         "export_check_failures": {v: failed for v, (_, failed) in exported.items()},
+        "parity": {v: parity_results(report) for v, report in reports.items()},
         "parts": parts, "total": total, "phase_seconds": phases,
     }
     plots = {"latency per part and projected frame time": plot_latency(parts, total),

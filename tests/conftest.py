@@ -1,4 +1,5 @@
-"""Shared fixtures: one 2-rank training run reused by the tests that inspect its run directory."""
+"""Shared fixtures: the tiny model's example batch, one 2-rank training run reused by the tests that inspect its run
+directory."""
 
 import subprocess
 from collections.abc import Iterator
@@ -7,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_tool, train_cmd
+
+from bevfusion_ext.datasets import SyntheticBEVDataset, collate
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +20,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict:
+    """Two synthetic scenes collated: the example batch the tiny reference model's core tests plan and count on."""
+    dataset = SyntheticBEVDataset(2)
+    return collate([dataset[0], dataset[1]])
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bevfusion_ext.compression import read_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 # The user's BEVFusion checkout the integration tests run on: $BEVFUSION_ROOT, else the snapshot beside the repo.
 BEVFUSION_ROOT = Path(os.environ.get("BEVFUSION_ROOT") or ROOT.parent / "shared/third_party/bevfusion").resolve()
@@ -85,6 +87,25 @@ def kill_after_first_epoch_then_resume(run_dir: Path, *opts: str) -> subprocess.
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be interrupted"
     return run_tool(train_cmd(run_dir, *opts, "--resume_from", str(run_dir / "epoch_1.pth")))
+
+
+def straight_and_resumed(tmp_path: Path, epochs: int, *opts: str) -> tuple[dict, dict]:
+    """Final checkpoints of an uninterrupted run and of the same run killed after its first epoch (one pruning event
+    applied) and resumed; both runs' states must then be equal bit for bit (assert_equal_states)."""
+    straight = run_tool(train_cmd(tmp_path / "straight", *opts))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = tmp_path / "killed"
+    resumed = kill_after_first_epoch_then_resume(killed, *opts)
+    assert len(read_checkpoint(killed / "epoch_1.pth")["meta"]["compression"]["pruning"]["applied"]) == 1
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return read_checkpoint(tmp_path / f"straight/epoch_{epochs}.pth"), read_checkpoint(killed / f"epoch_{epochs}.pth")
+
+
+def assert_equal_states(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same tensors under the same names, bit for bit."""
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
 
 
 def newest_log(run_dir: Path) -> str:

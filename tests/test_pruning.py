@@ -28,7 +28,6 @@ from bevfusion_ext.compression.pruning.pruners import (
     UnfoldMergePruner,
 )
 from bevfusion_ext.compression.pruning.tracing import build_graph
-from bevfusion_ext.datasets import SyntheticBEVDataset, collate
 from bevfusion_ext.models import build_model, reference_config
 from bevfusion_ext.models.swin import PatchMerging, WindowMSA
 from bevfusion_ext.models.transfusion import MultiheadAttention
@@ -47,12 +46,6 @@ def tiny(seed: int = 0, **overrides) -> nn.Module:
 
 def complement(size: int, idxs: list[int]) -> list[int]:
     return [i for i in range(size) if i not in idxs]
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict:
-    dataset = SyntheticBEVDataset(2)
-    return collate([dataset[0], dataset[1]])
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from bevfusion_ext.compression.pruning.engine import pruned_copy
 from bevfusion_ext.compression.pruning.heads import check_head_target
 from bevfusion_ext.compression.pruning.pruners import FusedQKVAttentionPruner
 from bevfusion_ext.compression.recipe import RecipeError, check_structure, parse_pruning
-from bevfusion_ext.datasets import SyntheticBEVDataset, collate
 from bevfusion_ext.models import build_model, reference_config
 from bevfusion_ext.models.swin import WindowMSA
 from bevfusion_ext.models.transfusion import MultiheadAttention
@@ -44,12 +43,6 @@ def tiny(seed: int = 0, decoder_layers: int = 2, **overrides) -> nn.Module:
     cfg["heads"]["object"]["num_decoder_layers"] = decoder_layers
     return build_model(cfg)
 
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict:
-    dataset = SyntheticBEVDataset(2)
-    return collate([dataset[0], dataset[1]])
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,9 @@ from torch import nn
 from bevfusion_ext.compression.pruning import PruningSpec
 from bevfusion_ext.compression.pruning.sparsity import SparsityPenalty
 from bevfusion_ext.compression.recipe import RecipeError, parse_pruning
-from bevfusion_ext.datasets import SyntheticBEVDataset, collate
 from bevfusion_ext.models import build_model, reference_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def batch() -> dict:
-    dataset = SyntheticBEVDataset(2)
-    return collate([dataset[0], dataset[1]])
 
 
 def tiny(seed: int = 0) -> nn.Module:

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY, jsonl, kill_after_first_epoch_then_resume, run_tool, train_cmd
+from helpers import ROOT, TINY, assert_equal_states, jsonl, run_tool, straight_and_resumed, train_cmd
 
 from bevfusion_ext.compression import pruning as core
-from bevfusion_ext.compression import read_checkpoint
 from bevfusion_ext.runner.rebuild import load_compressed_model
 
 RECIPE = "configs/compression/prune_structure_tiny.yaml"
@@ -70,22 +69,12 @@ def test_the_checkpoint_rebuilds_blocks_and_heads_and_loads_strictly(
 def test_resume_between_events_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     opts = ["--recipe", RECIPE, *LAYERS, "--compression.pruning.schedule.end_epoch", "2", "--max_epochs", "2",
             "--evaluation.enabled", "False"]
-    straight = run_tool(train_cmd(tmp_path / "straight", *opts))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    killed = tmp_path / "killed"
-    resumed = kill_after_first_epoch_then_resume(killed, *opts)
-    assert len(read_checkpoint(killed / "epoch_1.pth")["meta"]["compression"]["pruning"]["applied"]) == 1
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    a, b = read_checkpoint(tmp_path / "straight/epoch_2.pth"), read_checkpoint(killed / "epoch_2.pth")
+    a, b = straight_and_resumed(tmp_path, 2, *opts)
     events_a, events_b = (c["meta"]["compression"]["pruning"]["events"] for c in (a, b))
     assert [e["iter"] for e in events_b] == [e["iter"] for e in events_a] == [0, 4]
     assert [(e["blocks"], e["heads"]) for e in events_b] == [(e["blocks"], e["heads"]) for e in events_a]
     assert events_b[-1]["heads"][STAGE3] == [7, 6]  # the second event ran after the resume
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for name, tensor in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
+    assert_equal_states(a, b)
 
 
 @pytest.mark.parametrize("opts, key, problem", [

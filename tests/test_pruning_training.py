@@ -10,9 +10,10 @@ import torch
 from helpers import (
     ROOT,
     TINY,
+    assert_equal_states,
     jsonl,
-    kill_after_first_epoch_then_resume,
     run_tool,
+    straight_and_resumed,
     train_cmd,
     train_from,
 )
@@ -125,21 +126,11 @@ def test_optimizer_moments_of_surviving_channels_are_kept() -> None:
 def test_resume_in_the_middle_of_the_schedule_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     opts = [*RECIPE, "--compression.pruning.target", "{}", "--compression.pruning.schedule.end_epoch", "3",
             "--compression.pruning.schedule.num_events", "3", "--max_epochs", "3", "--evaluation.enabled", "False"]
-    straight = run_tool(train_cmd(tmp_path / "straight", *opts))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    killed = tmp_path / "killed"
-    resumed = kill_after_first_epoch_then_resume(killed, *opts)
-    assert len(read_checkpoint(killed / "epoch_1.pth")["meta"]["compression"]["pruning"]["applied"]) == 1
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    a, b = read_checkpoint(tmp_path / "straight/epoch_3.pth"), read_checkpoint(killed / "epoch_3.pth")
+    a, b = straight_and_resumed(tmp_path, 3, *opts)
     events_a, events_b = (c["meta"]["compression"]["pruning"]["events"] for c in (a, b))
     assert [e["iter"] for e in events_b] == [e["iter"] for e in events_a] == [0, 4, 8]
     assert [e["params"] for e in events_b] == [e["params"] for e in events_a]
-    assert {k: v.shape for k, v in a["state_dict"].items()} == {k: v.shape for k, v in b["state_dict"].items()}
-    for name, tensor in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
+    assert_equal_states(a, b)
 
 
 if __name__ == "__main__":

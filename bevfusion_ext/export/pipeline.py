@@ -30,7 +30,7 @@ from ..runner.rebuild import MissingCompressionState, load_compressed_model
 from . import fp16_range, parity
 from .bundle import config_yaml, out_problem, part_files, readme, staged, write_metadata
 from .calib_cache import calib_tag, fp16_layers, propagate_scales, scales_from_qdq, strip_qdq, write_calib_cache
-from .dla_rules import check_model
+from .dla_rules import DEFAULT_TRT_VERSION, check_model
 from .partition import Plan, partition
 from .parts import (
     BEV_POOL,
@@ -57,7 +57,6 @@ from .tensorrt_build import build_engine, tensorrt_available
 from .trtexec import commands, io_formats_from_onnx, write_build_scripts
 
 FORMAT = "bevfusion_ext.export/1"
-DEFAULT_TRT_VERSION = "10.3"
 GPU_TARGETS = {"gpu_fp16": ("onnx", "fp16"), "gpu_int8": ("qdq", "qdq")}  # target -> (artefact, build flavour)
 Log = Callable[[str], None]
 # A part runs the model's own modules on the model's own tensors, so it must reproduce the model (up to float noise).

@@ -3,6 +3,9 @@ progressive pruning, INT8 PTQ and QAT, each stage trained by the real CLI (`torc
 tools/train_compressed.py) into benchmarks/runs/quality/seed<k>/<stage>/, compared per seed and as medians over seeds.
 
     .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--np 2] [--fresh]
+    .venv/bin/python benchmarks/quality.py --sweep [--seeds 0 1 2 3 4] [--np 2] [--jobs 2] [--report-only]
+
+--sweep runs the accuracy-vs-params sweep of quality_sweep.py from the same per-seed baselines instead.
 
 Finished stages (final checkpoint + final evaluation on disk) are reused, so an interrupted run resumes; --fresh
 re-runs everything. The whole benchmark runs at nice 19.
@@ -10,6 +13,7 @@ re-runs everything. The whole benchmark runs at nice 19.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -123,18 +127,22 @@ def finished(run: Path) -> bool:
 def train(stage: Stage, seed_dir: Path, seed: int, nproc: int) -> dict[str, Any]:
     """Run one stage through the real CLI (2 ranks), unless a finished run is on disk; returns command + seconds."""
     run = seed_dir / stage.name
-    if not finished(run):
-        shutil.rmtree(run, ignore_errors=True)
-        load = ("--load_from", str(seed_dir / stage.parent / "latest.pth")) if stage.parent else ()
-        command = ["torchpack", "dist-run", "-np", str(nproc), "python", "tools/train_compressed.py", CONFIG,
-                   "--run-dir", str(run), "--seed", str(seed), *load, *stage.options]
-        print(f"== seed {seed} {stage.name}: {' '.join(command)}", flush=True)
-        env = {**os.environ, "PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}"}
-        tic = time.perf_counter()
-        with open(seed_dir / f"{stage.name}.console.log", "w") as log:
-            subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-        record = {"command": command, "seconds": round(time.perf_counter() - tic, 1)}
-        (run / "benchmark.json").write_text(json.dumps(record, indent=2))
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    with open(seed_dir / f"{stage.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another benchmark process trains this stage: wait, then reuse its run
+        if not finished(run):
+            shutil.rmtree(run, ignore_errors=True)
+            load = ("--load_from", str(seed_dir / stage.parent / "latest.pth")) if stage.parent else ()
+            command = ["torchpack", "dist-run", "-np", str(nproc), "python", "tools/train_compressed.py", CONFIG,
+                       "--run-dir", str(run), "--seed", str(seed), *load, *stage.options]
+            print(f"== seed {seed} {stage.name}: {' '.join(command)}", flush=True)
+            env = {**os.environ, "PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}"}
+            tic = time.perf_counter()
+            with open(seed_dir / f"{stage.name}.console.log", "w") as log:
+                subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            record = {"command": command, "seconds": round(time.perf_counter() - tic, 1),
+                      "load_average": os.getloadavg()}
+            (run / "benchmark.json").write_text(json.dumps(record, indent=2))
     return {**json.loads((run / "benchmark.json").read_text()), "epochs": max_epochs(run)}
 
 
@@ -254,11 +262,21 @@ def budget_text(entry: dict[str, Any]) -> str:
     return "+".join(map(str, entry["epoch_chain"])) + (" + calibration" if entry["ptq"] else "")
 
 
+def seed_diffs(per_seed: list[dict], ours: str, other: str, metric: str) -> list[float]:
+    """Per seed, ours - other on metric (paired within the seed)."""
+    return [rows[ours][metric] - rows[other][metric] for rows in per_seed]
+
+
+def agreement(diffs: list[float]) -> str:
+    """`better` / `worse` only when every seed agrees, else `inconclusive`."""
+    return "better" if min(diffs) > 0 else "worse" if max(diffs) < 0 else "inconclusive"
+
+
 def compare(per_seed: list[dict], ours: str, other: str, metric: str) -> str:
     """`beats` / `is behind` only when every seed agrees, else `is inconclusive against`; with the numbers behind it."""
-    diffs = [rows[ours][metric] - rows[other][metric] for rows in per_seed]
+    diffs = seed_diffs(per_seed, ours, other, metric)
     ahead = sum(d > 0 for d in diffs)
-    verb = "beats" if min(diffs) > 0 else "is behind" if max(diffs) < 0 else "is inconclusive against"
+    verb = {"better": "beats", "worse": "is behind", "inconclusive": "is inconclusive against"}[agreement(diffs)]
     return (f"{verb} {other} on {metric} (median {statistics.median(diffs):+.4f}, per seed {min(diffs):+.4f} to "
             f"{max(diffs):+.4f}, ahead in {ahead}/{len(diffs)} seeds)")
 
@@ -353,12 +371,20 @@ Per seed, NDS* / mIoU of the compared rows:
 def main() -> None:
     """Run (or resume) every seed, then write results/quality.{json,md} and the plots."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2, with --sweep 0 1 2 3 4")
     parser.add_argument("--np", type=int, default=2, help="ranks per training run")
     parser.add_argument("--fresh", action="store_true", help="re-run every stage of these seeds")
+    parser.add_argument("--sweep", action="store_true", help="the accuracy-vs-params sweep instead (quality_sweep.py)")
+    parser.add_argument("--jobs", type=int, default=2, help="--sweep: training runs at a time")
+    parser.add_argument("--report-only", action="store_true", help="--sweep: only write the report of finished runs")
     args = parser.parse_args()
     os.nice(19)
     os.chdir(ROOT)  # the CLIs and the config loader take paths relative to the repository
+    if args.sweep:
+        from quality_sweep import SEEDS, sweep  # it imports this module's stage and comparison helpers
+
+        return sweep(args.seeds or list(SEEDS), args.np, args.jobs, args.report_only)
+    args.seeds = args.seeds or [0, 1, 2]
     tic = time.perf_counter()
     if args.fresh:
         for seed in args.seeds:

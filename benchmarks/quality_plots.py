@@ -10,6 +10,7 @@ from common import figure
 from bevfusion_ext.compression.pruning.spec import owner
 
 TOP_LAYERS = 15  # INT8-sensitive layers named in the bar panel
+METRICS = ("det/NDS", "det/mAP", "seg/mIoU")
 
 
 def _marker(entry: dict[str, Any]) -> str:
@@ -99,5 +100,33 @@ def plot_sensitivity(quant: list[dict[str, float]], pruning: list[dict[str, Any]
     for ax, metric in zip(axes[1], ("det/NDS", "seg/mIoU"), strict=True):
         _pruning_panel(ax, pruning, metric)
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_sweep(cells: dict[str, dict[str, list[dict | None]]], labels: dict[str, str],
+               baseline: list[dict | None]) -> Path:
+    """Each metric against params removed: one line per method through the medians, every finished seed a dot,
+    the dense baselines at 0 %."""
+    fig, axes, path = figure("quality_sweep", nrows=1, ncols=len(METRICS), figsize=(16, 5.5))
+    dense = [b for b in baseline if b]
+    for ax, metric in zip(axes, METRICS, strict=True):
+        if dense:
+            ax.scatter([0] * len(dense), [b[metric] for b in dense], color="gray", s=14, alpha=0.6)
+            ax.scatter(0, statistics.median(b[metric] for b in dense), color="gray", s=80, edgecolor="black",
+                       label="dense baseline")
+        for i, (method, by_ratio) in enumerate(cells.items()):
+            done = {r: [c for c in seeds if c] for r, seeds in sorted(by_ratio.items())}
+            done = {r: runs for r, runs in done.items() if runs}
+            for runs in done.values():
+                ax.scatter([100 * c["params_removed"] for c in runs], [c[metric] for c in runs], color=f"C{i}",
+                           s=14, alpha=0.5)
+            ax.plot([100 * statistics.median(c["params_removed"] for c in runs) for runs in done.values()],
+                    [statistics.median(c[metric] for c in runs) for runs in done.values()], color=f"C{i}",
+                    marker="o", label=labels[method])
+        ax.set(xlabel="params removed (%)", ylabel=f"{metric} (median line, seeds as dots)", title=metric)
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(cells) + 1, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     return path

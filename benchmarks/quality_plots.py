@@ -10,7 +10,6 @@ from common import figure
 from bevfusion_ext.compression.pruning.spec import owner
 
 TOP_LAYERS = 15  # INT8-sensitive layers named in the bar panel
-METRICS = ("det/NDS", "det/mAP", "seg/mIoU")
 
 
 def _marker(entry: dict[str, Any]) -> str:
@@ -105,12 +104,12 @@ def plot_sensitivity(quant: list[dict[str, float]], pruning: list[dict[str, Any]
 
 
 def plot_sweep(cells: dict[str, dict[str, list[dict | None]]], labels: dict[str, str],
-               baseline: list[dict | None]) -> Path:
+               baseline: list[dict | None], metrics: tuple[str, ...]) -> Path:
     """Each metric against params removed: one line per method through the medians, every finished seed a dot,
     the dense baselines at 0 %."""
-    fig, axes, path = figure("quality_sweep", nrows=1, ncols=len(METRICS), figsize=(16, 5.5))
+    fig, axes, path = figure("quality_sweep", nrows=1, ncols=len(metrics), figsize=(16, 5.5))
     dense = [b for b in baseline if b]
-    for ax, metric in zip(axes, METRICS, strict=True):
+    for ax, metric in zip(axes, metrics, strict=True):
         if dense:
             ax.scatter([0] * len(dense), [b[metric] for b in dense], color="gray", s=14, alpha=0.6)
             ax.scatter(0, statistics.median(b[metric] for b in dense), color="gray", s=80, edgecolor="black",
@@ -118,9 +117,10 @@ def plot_sweep(cells: dict[str, dict[str, list[dict | None]]], labels: dict[str,
         for i, (method, by_ratio) in enumerate(cells.items()):
             done = {r: [c for c in seeds if c] for r, seeds in sorted(by_ratio.items())}
             done = {r: runs for r, runs in done.items() if runs}
+            shift = 0.6 * (i - (len(cells) - 1) / 2)  # side by side, so each method's seeds stay readable
             for runs in done.values():
-                ax.scatter([100 * c["params_removed"] for c in runs], [c[metric] for c in runs], color=f"C{i}",
-                           s=14, alpha=0.5)
+                ax.scatter([100 * c["params_removed"] + shift for c in runs], [c[metric] for c in runs],
+                           color=f"C{i}", s=14, alpha=0.5)
             ax.plot([100 * statistics.median(c["params_removed"] for c in runs) for runs in done.values()],
                     [statistics.median(c[metric] for c in runs) for runs in done.values()], color=f"C{i}",
                     marker="o", label=labels[method])

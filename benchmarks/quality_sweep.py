@@ -100,10 +100,12 @@ def cell_recipe(method: str, ratio: float, scale: float) -> str:
     pruning["schedule"].update(start_epoch=0, end_epoch=1, num_events=1 if method == "oneshot" else EVENTS)
     pruning.update({"progressive_reg": {"sparsity": SPARSITY}, "structure": structure_targets()}.get(method, {}))
     path = RUNS / "sweep_recipes" / f"{cell_name(method, ratio).removeprefix('sweep/')}.yaml"
+    text = (f"# {METHODS[method]} at {ratio:.0%} params removed, from {PRUNE} (written by quality_sweep.py; group "
+            f"scale {scale:.4f} from scale_for_target)\n"
+            + yaml.safe_dump({"compression": {"pruning": pruning}, "max_epochs": EPOCHS}, sort_keys=False))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {METHODS[method]} at {ratio:.0%} params removed, from {PRUNE} (written by quality_sweep.py; "
-                    f"group scale {scale:.4f} from scale_for_target)\n"
-                    + yaml.safe_dump({"compression": {"pruning": pruning}, "max_epochs": EPOCHS}, sort_keys=False))
+    if not path.is_file() or path.read_text() != text:  # other seeds' runs of this cell may be reading it
+        path.write_text(text)
     return str(path)
 
 
@@ -179,9 +181,9 @@ def claim(diffs: list[float], seeds: int) -> str:
         return "no seed finished both"
     n, ahead = len(diffs), sum(d > 0 for d in diffs)
     words = {"better": f"better in {n}/{n} seeds", "worse": f"worse in {n}/{n} seeds"}
-    missing = f"; {seeds - n} of {seeds} seeds not finished" if n < seeds else ""
+    missing = f" ({seeds - n} of {seeds} seeds not finished)" if n < seeds else ""
     return (words.get(agreement(diffs), f"inconclusive ({ahead}/{n} ahead)")
-            + f" (median {statistics.median(diffs):+.3f}{missing})")
+            + f", median {statistics.median(diffs):+.3f}{missing}")
 
 
 def claims(cells: dict[str, dict[str, list]], seeds: int) -> dict[str, dict[str, dict[str, str]]]:
@@ -270,7 +272,7 @@ def metric_table(result: dict[str, Any], metric: str) -> str:
 
 def claims_table(result: dict[str, Any]) -> str:
     """The generated claims: per ratio and pair, what each metric's per-seed differences support."""
-    lines = ["| params removed | comparison | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    lines = ["| params removed | comparison | det/NDS* | det/mAP | seg/mIoU |", "|---|---|" + "---|" * len(METRICS)]
     for ratio, pairs in result["claims"].items():
         lines += [f"| {ratio} % | {pair} | " + " | ".join(words[m] for m in METRICS) + " |"
                   for pair, words in pairs.items()]
@@ -376,7 +378,7 @@ def report(seeds: list[int]) -> dict[str, Any]:
               "penalty_balance": penalty_balances(seeds), "sparsity": SPARSITY,
               "budget": {"epochs": EPOCHS, "train_samples": TRAIN_SAMPLES, "events": EVENTS}}
     result["claims"] = claims(result["cells"], len(seeds))
-    png = plot_sweep(result["cells"], METHODS, result["baseline"])
+    png = plot_sweep(result["cells"], METHODS, result["baseline"], METRICS)
     print("saved", save("quality_sweep", result), write_section("quality_sweep", markdown(result, png)), png)
     return result
 
@@ -387,3 +389,7 @@ def sweep(seeds: list[int], nproc: int, jobs: int, report_only: bool) -> None:
         run_sweep(seeds, nproc, jobs)
     result = report(seeds)
     print(missing_text(result), claims_table(result), sep="\n\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit("quality_sweep.py is the --sweep part of quality.py: run benchmarks/quality.py --sweep")

@@ -83,6 +83,8 @@ def test_report_has_parity_placement_for_every_node_and_a_labelled_projection(bu
     for heading in ("## Parts", "## Parity", "## FP16 range", "## DLA / GPU placement", "## Projected Orin latency"):
         assert heading in text
     assert "Projection, not a measurement" in text and "not requested (--build)" in text
+    cited = [n for e in report["parts"].values() for n in e["placement"]["nodes"] if not n["on_dla"]]
+    assert cited and all(n["source"] and n["source"] in text for n in cited)  # every GPU verdict names its NVIDIA rule
 
 
 def test_force_replaces_an_existing_bundle(bundle: tuple, checkpoint: Path, tmp_path: Path) -> None:

@@ -208,10 +208,11 @@ def _placement(name: str, entry: dict) -> list[str]:
     lines += ["", f"<details><summary>{len(segments)} segments in execution order</summary>", ""]
     lines += [*_table(["#", "device", "layers", "inputs (first 3)", "outputs (first 3)"], segments), "", "</details>"]
     nodes = [
-        [n["name"], n["op_type"], "DLA" if n["on_dla"] else "GPU", n["reason"], n["detail"]] for n in placement["nodes"]
+        [n["name"], n["op_type"], "DLA" if n["on_dla"] else "GPU", n["reason"], n["detail"], n.get("source", "")]
+        for n in placement["nodes"]
     ]
     lines += ["", f"<details><summary>every node ({len(nodes)})</summary>", ""]
-    lines += _table(["node", "op", "device", "reason", "detail"], nodes)
+    lines += _table(["node", "op", "device", "reason", "detail", "NVIDIA source of the rule"], nodes)
     return [*lines, "", "</details>", ""]
 
 

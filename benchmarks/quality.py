@@ -125,16 +125,17 @@ def finished(run: Path) -> bool:
 
 
 def train(stage: Stage, seed_dir: Path, seed: int, nproc: int) -> dict[str, Any]:
-    """Run one stage through the real CLI (2 ranks), unless a finished run is on disk; returns command + seconds."""
+    """Run one stage through the real CLI, unless a finished run of the same command is on disk; returns command +
+    seconds."""
     run = seed_dir / stage.name
+    load = ("--load_from", str(seed_dir / stage.parent / "latest.pth")) if stage.parent else ()
+    command = ["torchpack", "dist-run", "-np", str(nproc), "python", "tools/train_compressed.py", CONFIG,
+               "--run-dir", str(run), "--seed", str(seed), *load, *stage.options]
     seed_dir.mkdir(parents=True, exist_ok=True)
     with open(seed_dir / f"{stage.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another benchmark process trains this stage: wait, then reuse its run
-        if not finished(run):
+        if not (finished(run) and json.loads((run / "benchmark.json").read_text())["command"] == command):
             shutil.rmtree(run, ignore_errors=True)
-            load = ("--load_from", str(seed_dir / stage.parent / "latest.pth")) if stage.parent else ()
-            command = ["torchpack", "dist-run", "-np", str(nproc), "python", "tools/train_compressed.py", CONFIG,
-                       "--run-dir", str(run), "--seed", str(seed), *load, *stage.options]
             print(f"== seed {seed} {stage.name}: {' '.join(command)}", flush=True)
             env = {**os.environ, "PATH": f"{ROOT / '.venv/bin'}:{os.environ['PATH']}"}
             tic = time.perf_counter()

@@ -95,23 +95,26 @@ def export(model: torch.nn.Module, cfg: Config, batch: dict, root: Path, source:
     return report, check_failures(report, strict_dla=False)
 
 
-def session(path: Path) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:
-    """A CPU session (intra-op threads = cores, sequential) and seeded random inputs of its static shapes."""
+def session(path: Path, threads: int | None = None) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:
+    """A CPU session (intra-op threads = cores unless given, sequential) and seeded random inputs of its static
+    shapes."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = os.cpu_count(), 1
+    options.intra_op_num_threads, options.inter_op_num_threads = threads or os.cpu_count(), 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     return sess, {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in sess.get_inputs()}
 
 
-def time_parts(onnx: dict[tuple[str, str], Path], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Seconds per run of each (variant, part) FP32 ONNX, dense and pruned alternating, after one warm-up run each."""
+def time_parts(onnx: dict[tuple[str, str], Path], repeats: int,
+               threads: int | None = None) -> dict[str, dict[str, list[float]]]:
+    """Seconds per run of each (variant, part) FP32 ONNX, the variants alternating part by part in every repeat,
+    after one warm-up run each."""
     runs = {}
     for key, path in onnx.items():
-        sess, feed = session(path)
+        sess, feed = session(path, threads)
         runs[key] = lambda s=sess, f=feed: s.run(None, f)
-    samples: dict[str, dict[str, list[float]]] = {variant: {} for variant in VARIANTS}
+    samples: dict[str, dict[str, list[float]]] = {variant: {} for variant, _ in onnx}
     for fn in runs.values():
         fn()
     for _ in range(repeats):

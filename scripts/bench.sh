@@ -4,7 +4,7 @@
 # (deploy_runtime times the demo bundle: run scripts/demo.sh first)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-NAMES=(quality cost_scaling qat_step deploy_latency roofline_check deploy_runtime)
+NAMES=(quality cost_scaling qat_step deploy_latency structure_latency roofline_check deploy_runtime)
 if [ $# -lt 1 ]; then echo "usage: $0 {${NAMES[*]// /|}|all} [options]" >&2; exit 2; fi
 name="$1"; shift
 if [ "$name" = all ]; then

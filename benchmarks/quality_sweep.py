@@ -232,6 +232,7 @@ def penalty_balances(seeds: list[int]) -> dict[str, float]:
         checkpoint = RUNS / f"seed{seed}" / "baseline" / "latest.pth"
         path = RUNS / f"seed{seed}" / "sweep" / f"penalty_balance_{SPARSITY['kind']}_{SPARSITY['strength']}.json"
         if baseline_cell(seed) and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(penalty_balance(checkpoint)))
         if path.is_file():
             out[str(seed)] = json.loads(path.read_text())
@@ -262,7 +263,8 @@ def metric_table(result: dict[str, Any], metric: str) -> str:
     for method, by_ratio in result["cells"].items():
         for ratio, entries in by_ratio.items():
             removed = _median(entries, "params_removed")
-            rows.append((METHODS[method], f"{ratio} / " + (f"{removed:.1%}" if removed is not None else "-"), entries))
+            rows.append((METHODS[method], f"{ratio} % / " + (f"{removed:.1%}" if removed is not None else "-"),
+                         entries))
     for label, removed, entries in rows:
         median = _median(entries, metric)
         lines.append(f"| {label} | {removed} | " + " | ".join(_value(e, metric) for e in entries)
@@ -280,15 +282,19 @@ def claims_table(result: dict[str, Any]) -> str:
 
 
 def missing_text(result: dict[str, Any]) -> str:
-    """Which runs have not finished, or that all have."""
+    """Which runs have not finished (grouped by cell), or that all have."""
     seeds = result["seeds"]
-    gone = [f"baseline seed {s}" for s, b in zip(seeds, result["baseline"], strict=True) if not b]
-    gone += [f"{METHODS[m]} {r} % seed {s}" for m, by_ratio in result["cells"].items()
-             for r, entries in by_ratio.items() for s, e in zip(seeds, entries, strict=True) if not e]
+    rows = [("baseline", result["baseline"])] + [(f"{METHODS[m]} {r} %", entries)
+                                                 for m, by_ratio in result["cells"].items()
+                                                 for r, entries in by_ratio.items()]
+    gone = {label: [s for s, e in zip(seeds, entries, strict=True) if not e] for label, entries in rows}
+    gone = {label: missing for label, missing in gone.items() if missing}
     total = len(seeds) * (1 + len(METHODS) * len(RATIOS))
     if not gone:
         return f"All {total} runs finished."
-    return f"**{len(gone)} of {total} runs have not finished** (their cells read `missing`): " + ", ".join(gone) + "."
+    count = sum(map(len, gone.values()))
+    return (f"**{count} of {total} runs have not finished** (their cells read `missing`): "
+            + "; ".join(f"{label} (seed {', '.join(map(str, missing))})" for label, missing in gone.items()) + ".")
 
 
 def structure_text(result: dict[str, Any]) -> str:
@@ -310,57 +316,62 @@ def budget_text(result: dict[str, Any]) -> str:
                            for m, by_ratio in result["cells"].items()
                            if any(e for es in by_ratio.values() for e in es))
     driver = result["driver"]
-    return (f"Every sweep run trains {EPOCHS} epochs of {TRAIN_SAMPLES} of data.train's scenes (batch 4 per rank, "
+    return (f"every sweep run trains {EPOCHS} epochs of {TRAIN_SAMPLES} of data.train's scenes (batch 4 per rank, "
             f"{driver['np']} ranks, the tiny config's AdamW schedule), its pruning events in epoch 0 and fine-tuning "
             f"in epoch 1, and is evaluated once at the end on the 64 val scenes; {driver['jobs']} runs at a time "
             f"(`--jobs`), at nice 19, on this 2-core machine shared with other heavy jobs (1-min load average at the "
             f"end of a run: median {statistics.median(loads) if loads else float('nan'):.1f}, max "
             f"{max(loads, default=float('nan')):.1f}). Wall time per run, median: {per_method or 'none finished'}; "
-            f"the baselines {_median(base, 'seconds') or float('nan'):.0f} s each; {len(done)} sweep runs, "
-            f"{sum(e['seconds'] for e in done + base) / 3600:.1f} h of runs in all.")
+            f"the baselines {_median(base, 'seconds') or float('nan'):.0f} s (wall times include waiting for the CPU, "
+            f"shared with the other runs of the sweep and other jobs); {len(done)} sweep runs, "
+            f"{sum(e['seconds'] for e in done + base) / 3600:.1f} h of run wall time summed.")
 
 
 def markdown(result: dict[str, Any], png: Path) -> str:
     """The section: method, budget, one table per metric, the generated claims and the plot."""
     scales = result["scales"]
-    balance = result["penalty_balance"]
+    balance = statistics.median(result["penalty_balance"].values()) if result["penalty_balance"] else float("nan")
+    strength = SPARSITY["strength"]
     tables = "\n\n".join(f"**{m}**{'*' if m == 'det/NDS' else ''}\n\n{metric_table(result, m)}" for m in METRICS)
+    searched = {kind: ", ".join(f"{pct(r)} %: {scales[f'{kind}_{pct(r)}']:.3f}" for r in sorted(RATIOS))
+                for kind in ("channel", "structure")}
     return f"""## Accuracy vs params removed: four ways to prune, five seeds (`quality.py --sweep`)
 
-The `tiny` model on `{CONFIG}`'s synthetic scenes, seeds {", ".join(map(str, result["seeds"]))}. Every run starts
-from its seed's dense baseline (quality.py's `baseline` stage: 6 epochs from scratch) and removes
-{" / ".join(f"{r} %" for r in result["claims"])} of its params with `{PRUNE}`'s channel groups and their proportions,
-`round_to` {ROUND_TO[1]}, magnitude importance, four ways:
+The `tiny` model on the synthetic scenes of `{CONFIG}`, seeds {", ".join(map(str, result["seeds"]))}. Every run
+starts from its seed's dense baseline (quality.py's `baseline` stage, 6 epochs from scratch) and removes
+{" / ".join(f"{r} %" for r in result["claims"])} of its params with the channel groups of `{PRUNE}` in their
+proportions, `round_to` {ROUND_TO[1]} and magnitude importance, four ways:
 
-1. **one-shot**: one event at iteration 0;
-2. **progressive**: {EVENTS} events spread over epoch 0 (the recipe's cubic schedule);
-3. **progressive + regulariser**: (2) with `compression.pruning.sparsity` {SPARSITY} until the last event: group
-   lasso over exactly the channel groups the magnitude importance ranks (bn_scale would shrink BN scales that this
-   importance does not read). The strength is set so that the penalty pushes about as hard as the task: the norm of
-   its gradient on the weights it regularises is {statistics.median(balance.values()) if balance else float("nan"):.2f}
-   x that of the training loss on one training batch of the baselines (median over seeds; `penalty_balance`); the
-   recipe's Network Slimming value 1e-4 (meant for SGD) moves nothing under AdamW in the few iterations before the
-   last event;
-4. **channel + depth + head**: (2) plus `{STRUCTURE}`'s depth and heads targets except the TransFusion decoder's
-   depth (the tiny head has one decoder layer): {structure_text(result)}. scale_for_target searches the channel
-   scale with the final block and head counts applied, so the params target is the same as (1)-(3); the depth and
-   heads targets alone remove {result["structure_floor"]:.1%} of the params, below the lowest ratio.
+1. **one-shot**: one event at iteration 0.
+2. **progressive**: {EVENTS} events spread over epoch 0 (the recipe's cubic schedule).
+3. **progressive + regulariser**: (2) plus `compression.pruning.sparsity` (kind `{SPARSITY["kind"]}`, strength
+   `{strength}`) until the last event. Group lasso acts on exactly the channel weights the magnitude importance
+   ranks (`bn_scale` would shrink BN scales that this importance does not read). The strength makes the penalty push
+   about as hard as the task: the norm of its gradient on the weights it regularises is {balance:.2f} x that of the
+   training loss, on one training batch of each baseline (median over seeds, `penalty_balance`); at the 1e-4 of
+   docs/pruning.md it would be {balance * 1e-4 / strength:.1e} x, a negligible change of the gradient over the
+   few iterations before the last event.
+4. **channel + depth + head**: (2) plus the depth and heads targets of `{STRUCTURE}`, without depth pruning of the
+   TransFusion decoder (the tiny head has one decoder layer): {structure_text(result)}. scale_for_target searches the
+   channel scale with the final block and head counts applied, so the params target is that of (1)-(3); the
+   measured column shows where the runs landed. The depth and heads targets alone remove
+   {result["structure_floor"]:.1%} of the params, below the lowest ratio.
 
-The group scales come from scale_for_target, searched once on the dense model per ratio and kind (channels
-{", ".join(f"{k.split('_')[1]} %: {v:.3f}" for k, v in scales.items() if k.startswith("channel"))}; with depth +
-heads {", ".join(f"{k.split('_')[1]} %: {v:.3f}" for k, v in scales.items() if k.startswith("structure"))}): the
-removed params depend on channel, block and head counts only, so it is the scale each run's own search finds.
+Group scales from scale_for_target, searched once per ratio on the dense model: channels {searched["channel"]};
+with depth + heads {searched["structure"]}. The params a plan removes depend on channel, block and head counts only,
+not on the weights, so this is the scale each run's own search would find.
 
-**Budget** (equal for the four methods at every ratio): {budget_text(result)} This is a short fine-tune: the numbers
-compare how much each method keeps after pruning and a brief recovery, not converged accuracy.
+**Budget**, the same for the four methods at every ratio: {budget_text(result)} This is a short fine-tune: the
+numbers compare what each method keeps after pruning and a brief recovery, not converged accuracy.
 
 {missing_text(result)}
 
-Per seed and median over the finished seeds (*NDS over the synthetic data's true-positive metrics):
+Per seed, and the median over the finished seeds (*NDS over the synthetic data's true-positive metrics):
 
 {tables}
 
-What the per-seed numbers support (pairs within a seed; `better` / `worse` only when every finished seed agrees):
+What the per-seed numbers support (paired within each seed; `better` / `worse` only when every finished seed
+agrees):
 
 {claims_table(result)}
 

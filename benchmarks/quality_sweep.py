@@ -272,6 +272,23 @@ def metric_table(result: dict[str, Any], metric: str) -> str:
     return "\n".join(lines)
 
 
+def spread_text(result: dict[str, Any]) -> str:
+    """How far apart the methods' measured params removed are at a ratio (the schedules round differently)."""
+    gaps = []
+    for ratio in result["claims"]:
+        removed = {m: _median(by_ratio[ratio], "params_removed") for m, by_ratio in result["cells"].items()}
+        removed = {m: r for m, r in removed.items() if r is not None}
+        if len(removed) > 1:
+            low, high = min(removed, key=removed.get), max(removed, key=removed.get)
+            gaps.append((removed[high] - removed[low], ratio, high, low, removed))
+    if not gaps:
+        return ""
+    gap, ratio, high, low, removed = max(gaps)
+    return (f"Measured params removed differ between the methods at one ratio by at most {100 * gap:.1f} "
+            f"percentage points ({ratio} %: {METHODS[high]} {removed[high]:.1%}, {METHODS[low]} {removed[low]:.1%}, "
+            "medians).")
+
+
 def claims_table(result: dict[str, Any]) -> str:
     """The generated claims: per ratio and pair, what each metric's per-seed differences support."""
     lines = ["| params removed | comparison | det/NDS* | det/mAP | seg/mIoU |", "|---|---|" + "---|" * len(METRICS)]
@@ -364,7 +381,7 @@ not on the weights, so this is the scale each run's own search would find.
 **Budget**, the same for the four methods at every ratio: {budget_text(result)} This is a short fine-tune: the
 numbers compare what each method keeps after pruning and a brief recovery, not converged accuracy.
 
-{missing_text(result)}
+{missing_text(result)} {spread_text(result)}
 
 Per seed, and the median over the finished seeds (*NDS over the synthetic data's true-positive metrics):
 

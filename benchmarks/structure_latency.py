@@ -5,7 +5,7 @@ the structures alternating part by part in every round, and projected to the Ori
 
     .venv/bin/python benchmarks/structure_latency.py [--repeats 8] [--scene reference] [--cameras 6]
 
-About 20 min on this shared 2-core CPU at the defaults (BEVFusion's 6 cameras at the tests' 96x160 images and
+About 15 min on this shared 2-core CPU at the defaults (BEVFusion's 6 cameras at the tests' 96x160 images and
 64x64 BEV grid); `--scene bevfusion` takes BEVFusion's input sizes and is several times slower.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from deploy_latency import (
     BEVFUSION_CAMERAS,
     SCENES,
     batches,
+    checks,
     export,
     lap,
     projection,
@@ -54,11 +55,11 @@ DEPTH = {
     "depth-1": {f"{SWIN}.2": 4, f"{SECOND}.0": 4, f"{SECOND}.1": 4},
     "depth-2": {f"{SWIN}.2": 2, f"{SWIN}.3": 1, f"{SECOND}.0": 2, f"{SECOND}.1": 2},
 }
-# Head level (heads left per Swin stage and in the TransFusion decoder): the seed plan's 8 -> 6, 3/4 of every
-# attention's heads (one level: a second one does not fit the run's time on this shared machine). A head takes its
-# width of the residual stream it reads with it.
+# Head levels (heads left per Swin stage and in the TransFusion decoder): the seed plan's 8 -> 6 (3/4 of every
+# attention's heads), then about half. A head takes its width of the residual stream it reads with it.
 HEADS = {
     "heads-1": {f"{SWIN}.0": 2, f"{SWIN}.1": 4, f"{SWIN}.2": 8, f"{SWIN}.3": 16, DECODER: 6},
+    "heads-2": {f"{SWIN}.0": 2, f"{SWIN}.1": 3, f"{SWIN}.2": 6, f"{SWIN}.3": 12, DECODER: 4},
 }
 # Pruning decisions are traced on a smaller camera batch: params do not depend on it, magnitude importance and the
 # structure do not either, and every probe of the channel twins' scale search traces the whole model. (At 1 camera
@@ -66,6 +67,13 @@ HEADS = {
 PLAN_CAMERAS = 2
 KINDS = {"dense": "dense", "depth": "depth (whole blocks)", "heads": "heads (whole attention heads)",
          "channel": "channels (seed recipe groups)"}
+# x86 takes a slow path on denormal floats, which the Orin's GPU does not: with random weights (zero biases) the
+# attention output of Swin's shifted-window blocks over padded windows is 25-54 % denormal at the default scene, and
+# their proj MatMul then takes 70-300 ms instead of about 1 (the dense camera.backbone: 0.9 s vs 0.28 s flushed).
+DENORMALS = {True: "denormals flushed to zero on the timing thread (FTZ/DAZ): with random weights Swin's "
+                   "shifted-window attention produces them, and x86's slow path on them, which the Orin's GPU does not "
+                   "have, would dominate the camera backbone; `--keep-denormals` times them",
+             False: "denormals NOT flushed: x86's denormal slow path is in these numbers"}
 START = time.perf_counter()
 
 
@@ -230,9 +238,10 @@ def method(result: dict) -> str:
         f"`configs/compression/prune_seed.yaml`, round_to 8), each decision traced on a "
         f"{result['plan_cameras']}-camera batch (params and magnitude ranks do not depend on the batch). "
         f"{result['decoder_note']} Every structure exported unquantized with `export_bundle` (FP32 ONNX of each "
-        f"part; BatchNorms folded). Latency: onnxruntime {result['onnxruntime']} on CPU ({m['cpu']}, {m['cores']} "
-        f"cores, intra-op threads {result['ort_intra_op_threads']}, "
-        f"sequential), all {len(result['structures'])} structures alternating part by part within each of "
+        f"part; BatchNorms folded; {checks(result)}). Latency: onnxruntime {result['onnxruntime']} on CPU "
+        f"({m['cpu']}, {m['cores']} cores, intra-op threads {result['ort_intra_op_threads']}, sequential, "
+        f"{DENORMALS[result['denormals_flushed']]}), all {len(result['structures'])} structures alternating part by "
+        f"part within each of "
         f"{result['repeats']} rounds after one warm-up run; a frame is the sum of its parts in one round; the median "
         f"over rounds is reported, and per-round savings are taken against the dense frame of the same round. Load "
         f"average {result['load_average_at_start']:.1f} at the start and {result['load_average_at_end']:.1f} at the "
@@ -313,6 +322,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--ort-threads", type=int, default=1,
                         help="onnxruntime intra-op threads (default 1: on a loaded machine 2 threads stall each other)")
+    parser.add_argument("--keep-denormals", action="store_true", help="time without flushing denormals (see above)")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     torch.manual_seed(0)
@@ -333,14 +343,16 @@ def main() -> None:
             reports[name], failures[name] = export(model, cfg, batch, Path(tmp) / name, source)
         lap(phases, "export")
         onnx = {(s, p): Path(tmp) / s / e["files"]["onnx"] for s in models for p, e in reports[s]["parts"].items()}
+        flushed = not args.keep_denormals and torch.set_flush_denormal(True)  # the timing thread runs onnxruntime
         samples = time_parts(onnx, args.repeats, args.ort_threads)
+        torch.set_flush_denormal(False)
         lap(phases, "onnxruntime_timing")
     structures = summarize(models, info, reports, samples)
     rates = slopes(structures)
     result = {
         "size": "full", "scene": args.scene, "resolution": resolution(args.scene, "full", args.cameras),
         "plan_cameras": PLAN_CAMERAS, "repeats": args.repeats, "onnxruntime": ort.__version__,
-        "ort_intra_op_threads": args.ort_threads,
+        "ort_intra_op_threads": args.ort_threads, "denormals_flushed": flushed,
         "orin_precision": "fp16", "load_average_at_start": load, "load_average_at_end": os.getloadavg()[0],
         "decoder_note": f"The `full` TransFusion head has {decoder_layers} decoder layer(s): "
                         + ("none can go (one must stay), so depth pruning there is not measured."

@@ -28,6 +28,7 @@ from bevfusion_ext.compression.pruning.pruners import (
     UnfoldMergePruner,
 )
 from bevfusion_ext.compression.pruning.tracing import build_graph
+from bevfusion_ext.datasets import SyntheticBEVDataset, collate
 from bevfusion_ext.models import build_model, reference_config
 from bevfusion_ext.models.swin import PatchMerging, WindowMSA
 from bevfusion_ext.models.transfusion import MultiheadAttention
@@ -107,6 +108,14 @@ def test_plan_leaves_model_and_rng_alone(batch: dict, spec: PruningSpec) -> None
     digest, rng = model_digest(model), torch.get_rng_state()
     plan_pruning(model, batch, spec, {"decoder": 0.5})
     assert model_digest(model) == digest and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_one_camera_batch_plans_what_a_two_camera_batch_plans(event: SimpleNamespace, spec: PruningSpec) -> None:
+    """With N = 1 the LSS camera split [B*N, C, H, W] -> [B, N, C, H, W] looked to Torch-Pruning like a flatten
+    (IndexError inside its importance); magnitude ranks do not depend on the batch, so both plans are the event's."""
+    for cameras in (1, 2):
+        one_frame = collate([SyntheticBEVDataset(1, num_cameras=cameras)[0]])
+        assert plan_pruning(tiny(), one_frame, spec, spec.groups) == event.history, cameras
 
 
 def test_history_is_json_and_replays_identically_on_separate_models(event: SimpleNamespace, batch: dict) -> None:

@@ -22,7 +22,9 @@
   finds by walking the graph (before every group), skipping all of them once a 3-D Linear was traced (the real
   model); on the sparse encoder's densify it gets them wrong either way: the shape-preserving ``features.view`` of
   ``dense()`` took the fold (stride D), and the real fold ``[N, C, D, H, W] -> [N, C * D, H, W]`` stays identity.
-  Recorded views whose mapping we know are settled: identity for a shape-preserving view, Torch-Pruning's own
+  With one camera, the split of the camera features ``[B * N, C, H, W] -> [B, N, C, H, W]`` looked to it like a
+  flatten of C into C * H * W (IndexError on the depthnet). Recorded views whose mapping we know are settled:
+  identity for a shape-preserving view or that camera split, Torch-Pruning's own
   flatten mapping (channel c -> c * D .. c * D + D - 1) for a fold, both typed element-wise so its inference
   leaves them alone.
 - mmdet's ``with_cp`` flags are off while tracing: reentrant ``torch.utils.checkpoint`` hides a block's layers.
@@ -68,6 +70,12 @@ def training_forward(model: nn.Module, inputs: Any) -> Any:
     return call_model(model, inputs, return_loss=True)
 
 
+def _splits_batch(source: Tensor, out: Tensor) -> bool:
+    """out is source [B * N, C, *S] viewed as [B, N, C, *S]: the camera split of LSS, channels untouched."""
+    split = out.dim() == source.dim() + 1 and out.shape[2:] == source.shape[1:]
+    return split and out.shape[0] * out.shape[1] == source.shape[0]
+
+
 def _folded_depth(source: Tensor, out: Tensor) -> int | None:
     """D if out is source [N, C, D, *S] viewed as [N, C * D, *S] with S two spatial dims, else None."""
     merged = source.dim() == 5 and out.dim() == 4 and out.shape[0] == source.shape[0]
@@ -94,7 +102,7 @@ class _TracedShapes(TorchFunctionMode):
             if all(t.grad_fn is not None for t in inputs):
                 self.widths[out.grad_fn] = [t.shape[dim] for t in inputs]
         elif func in RESHAPES and isinstance(out, Tensor) and out.grad_fn not in (None, args[0].grad_fn):
-            stride = 1 if out.shape == args[0].shape else _folded_depth(args[0], out)
+            stride = 1 if out.shape == args[0].shape or _splits_batch(args[0], out) else _folded_depth(args[0], out)
             if stride is not None:
                 self.views[out.grad_fn] = stride
         return out

@@ -179,9 +179,9 @@ def quant_sensitivity(seed_dir: Path) -> dict[str, float]:
     return json.loads(path.read_text())
 
 
-def prune_groups() -> list[str]:
-    """The module-path groups prune_seed.yaml prunes."""
-    return list(yaml.safe_load(Path(PRUNE).read_text())["compression"]["pruning"]["groups"])
+def prune_groups() -> dict[str, float]:
+    """The module-path groups prune_seed.yaml prunes, with their ratios (the proportions every sweep method scales)."""
+    return yaml.safe_load(Path(PRUNE).read_text())["compression"]["pruning"]["groups"]
 
 
 def kept_ratios(checkpoint: Path) -> dict[str, float]:

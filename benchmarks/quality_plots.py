@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def _median_per_layer(ratios: list[dict[str, float]]) -> dict[str, float]:
     return {layer: statistics.median(r[layer] for r in ratios) for layer in ratios[0]}
 
 
-def plot_kept_ratios(kept: list[dict[str, dict[str, float]]], groups: list[str]) -> Path:
+def plot_kept_ratios(kept: list[dict[str, dict[str, float]]], groups: Collection[str]) -> Path:
     """Kept / original output channels per prunable layer: progressive bars coloured by group, one-shot as marks."""
     progressive = _median_per_layer([k["progressive"] for k in kept])
     oneshot = _median_per_layer([k["oneshot"] for k in kept])

@@ -66,11 +66,6 @@ def structure_targets() -> dict[str, dict[str, int]]:
     return {"depth": {p: n for p, n in pruning["depth"].items() if p not in KEEP_DEPTH}, "heads": pruning["heads"]}
 
 
-def seed_groups() -> dict[str, float]:
-    """prune_seed.yaml's channel groups and their ratios (the proportions every method scales)."""
-    return yaml.safe_load(Path(PRUNE).read_text())["compression"]["pruning"]["groups"]
-
-
 def group_scales(ratios: tuple[float, ...]) -> dict[str, float]:
     """scale_for_target's group scale per ratio, for channels alone and with the depth + heads targets (key
     `<kind>_<pct>`), searched once on the dense tiny model and cached in RUNS: the removed params depend on the
@@ -81,7 +76,7 @@ def group_scales(ratios: tuple[float, ...]) -> dict[str, float]:
     wanted = {f"{kind}_{round(r * 100)}": (kind, r) for r in ratios for kind in ("channel", "structure")}
     if set(wanted) - set(cached):
         model, _, example = load_for_analysis(CONFIG, None)
-        spec = PruningSpec(seed_groups(), round_to=int(ROUND_TO[1]))
+        spec = PruningSpec(prune_groups(), round_to=int(ROUND_TO[1]))
         for key, (kind, ratio) in wanted.items():
             targets = structure_targets() if kind == "structure" else {}
             cached.setdefault(key, scale_for_target(model, example, spec, ratio, **targets))
@@ -214,7 +209,7 @@ def penalty_balance(checkpoint: Path) -> float:
     cfg, sources = prepare_config(CONFIG, [])
     loader = build_dataloader(build_dataset(cfg.data.train, "data.train", sources), cfg.data.samples_per_gpu, 0,
                               False, cfg.get("seed"))
-    spec = PruningSpec(seed_groups(), round_to=int(ROUND_TO[1]))
+    spec = PruningSpec(prune_groups(), round_to=int(ROUND_TO[1]))
     penalty = SparsityPenalty(model, example, spec, SPARSITY["kind"], SPARSITY["strength"])
     weights = list({id(s.param): s.param for _, slices in penalty.groups for s in slices}.values())
 

@@ -135,6 +135,6 @@ def failures(report_parts: dict[str, dict]) -> list[str]:
                     stats = r.get("detail") or ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k != "passed")
                     lines.append(
                         f"{name} [{flavour}] {output}: {stats} (tolerance max {tol['max_rel']:g} on all but "
-                        f"{tol.get('outliers', 0.0):g} of the elements / mean {tol['mean_rel']:g} x max(1, max|ref|))"
+                        f"{tol['outliers']:g} of the elements / mean {tol['mean_rel']:g} x max(1, max|ref|))"
                     )
     return lines

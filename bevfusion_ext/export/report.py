@@ -27,7 +27,7 @@ def _worst(parity: dict) -> str:
     for result in parity["outputs"].values():
         if "max_abs" in result:
             ratios.append(result["max_abs"] / (tol["max_rel"] * max(1.0, result["scale"])))
-            shares.append(result.get("outliers", 0.0))
+            shares.append(result["outliers"])
         elif not result["passed"]:
             ratios.append(float("inf"))
     above = f" ({max(shares):.1e} of elements above)" if max(shares, default=0.0) else ""
@@ -92,7 +92,7 @@ def _parity(report: dict) -> list[str]:
     lines = ["Tolerances (error relative to max(1, max |PyTorch output|); integer outputs must match exactly):", ""]
     lines += _table(
         ["flavour", "max", "elements allowed above max", "mean", "why"],
-        [[f, t["max_rel"], t.get("outliers", 0.0), t["mean_rel"], t["why"]]
+        [[f, t["max_rel"], t["outliers"], t["mean_rel"], t["why"]]
          for f, t in report["settings"]["tolerances"].items()],
     )
     rows = []
@@ -208,7 +208,7 @@ def _placement(name: str, entry: dict) -> list[str]:
     lines += ["", f"<details><summary>{len(segments)} segments in execution order</summary>", ""]
     lines += [*_table(["#", "device", "layers", "inputs (first 3)", "outputs (first 3)"], segments), "", "</details>"]
     nodes = [
-        [n["name"], n["op_type"], "DLA" if n["on_dla"] else "GPU", n["reason"], n["detail"], n.get("source", "")]
+        [n["name"], n["op_type"], "DLA" if n["on_dla"] else "GPU", n["reason"], n["detail"], n["source"]]
         for n in placement["nodes"]
     ]
     lines += ["", f"<details><summary>every node ({len(nodes)})</summary>", ""]

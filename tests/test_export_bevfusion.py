@@ -73,6 +73,7 @@ def real() -> tuple[nn.Module, dict]:
     from bevfusion_ext.runner.train import prepare_config
 
     cfg, sources = prepare_config(str(BEVFUSION_ROOT / SWINT_DET), OVERLAY)
+    np.random.seed(0)  # BEVFusion's augmentations draw from np.random: one batch, so one model, per run
     batch = example_batch(build_dataset(cfg.data.train, "data.train", sources))
     torch.manual_seed(0)
     model = build_model(cfg, sources)
@@ -138,6 +139,29 @@ def test_transfusion_proposals_are_one_bounded_topk_and_pools_are_batched(real: 
         ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.graph.value_info}
         pools = [n for n in graph.graph.node if n.op_type == "MaxPool"]
         assert len(pools) == 3 and all(ranks[n.input[0]] == 4 for n in pools), flavour  # NMS + classes 8 and 9
+
+
+def test_transfusion_reference_reruns_on_onnxruntime_picks(real: tuple) -> None:
+    """Two picks swapped (a near-tie the runtimes order differently) swap those two queries' outputs and nothing else:
+    the reference imposes onnxruntime's `query_proposals` at the head's argsort cut, not its own re-sorted heatmap."""
+    model, batch = real
+    part = part_for(model, "head.object")
+    module, examples = part.build(model).eval(), part.inputs(model, capture(model, first_sample(batch)))
+    with torch.no_grad():
+        own = dict(zip(part.outputs, module(*examples.values()), strict=True))
+        picks = own["query_proposals"].clone()
+        picks[:, [0, 1]] = picks[:, [1, 0]]
+        swapped = dict(zip(part.outputs, part.align(module, examples, {"query_proposals": picks.numpy()}), strict=True))
+    head = model.heads["object"]
+    P, layers, cells = head.num_proposals, head.num_decoder_layers, own["dense_heatmap"][0, 0].numel()
+    order = torch.arange(P)
+    order[[0, 1]] = order[[1, 0]]
+    assert torch.equal(swapped["query_proposals"], picks) and torch.equal(swapped["query_labels"], picks // cells)
+    torch.testing.assert_close(swapped["query_heatmap_score"], own["query_heatmap_score"][..., order])
+    per_layer = torch.cat([order + i * P for i in range(layers)])
+    for name in ("center", "height", "dim", "rot", "vel", "heatmap"):
+        torch.testing.assert_close(swapped[name], own[name][..., per_layer], msg=name)
+    torch.testing.assert_close(swapped["dense_heatmap"], own["dense_heatmap"])
 
 
 def test_noqdq_keeps_the_quantized_bev_grid_and_would_drift_without_it(quantized: tuple, real: tuple) -> None:

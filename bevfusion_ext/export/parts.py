@@ -24,6 +24,7 @@ import onnxsim
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..compression.pruning.counting import call_model
 from ..compression.quantization import export_qdq_onnx
@@ -40,9 +41,10 @@ OBJECT_OUTPUTS = (*PREDICTIONS, "query_cells")
 # BEVFusion's own heads (mmdet3d fork), recognised by qualified class name so the export needs no import of it.
 BEVFUSION_TRANSFUSION = "mmdet3d.models.heads.bbox.transfusion.TransFusionHead"
 BEVFUSION_SEGMENTATION = "mmdet3d.models.heads.segm.vanilla.BEVSegmentationHead"
-# forward_single keys BEVFusion's get_bboxes reads (+ head.query_labels); dense_heatmap is the top-k's input.
+# forward_single keys BEVFusion's get_bboxes reads (+ head.query_labels); query_proposals are the top-k's picks
+# (class x H x W flat indices), dense_heatmap its input.
 BEVFUSION_PREDICTIONS = (*BOX_CODE, "heatmap", "query_heatmap_score")
-BEVFUSION_OBJECT_OUTPUTS = (*BEVFUSION_PREDICTIONS, "query_labels", "dense_heatmap")
+BEVFUSION_OBJECT_OUTPUTS = (*BEVFUSION_PREDICTIONS, "query_labels", "query_proposals", "dense_heatmap")
 TENSORRT_TOPK_MAX_K = 3840  # TensorRT's TopK layer: k <= 3840 (TensorRT operator reference, TopK)
 Activations = dict[str, tuple[tuple, Any]]  # module path -> (forward args, output) on the example sample
 
@@ -129,6 +131,29 @@ class ObjectHead(nn.Module):
             return self(bev)
 
 
+class ProposalPick(TorchFunctionMode):
+    """Records BEVFusion's TransFusionHead proposal pick, or imposes `choice` there.
+
+    forward_single picks in one expression, `heatmap.argsort(descending=True)[..., :P]`, not in a method it could be
+    hooked at; so this mode watches that argsort and records (or replaces) the cut of its result.
+    """
+
+    SORTS = (torch.argsort, torch.Tensor.argsort)
+
+    def __init__(self, choice: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.choice, self.order, self.picks = choice, None, []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in self.SORTS:
+            self.order = out
+        elif func is torch.Tensor.__getitem__ and self.order is not None and args[0] is self.order:
+            out = out if self.choice is None else self.choice
+            self.picks.append(out)
+        return out
+
+
 class BEVFusionObjectHead(nn.Module):
     """BEVFusion's own TransFusionHead through its own forward (heatmap convs, local-max NMS, top-k proposals as ONNX
     TopK, transformer decoder, prediction FFNs), as CUDA-BEVFusion's head.bbox; box decoding stays post-processing."""
@@ -138,23 +163,25 @@ class BEVFusionObjectHead(nn.Module):
         self.head = model.heads["object"]
 
     def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """BEV features -> per-query predictions of every decoder layer, proposal labels and the dense heatmap."""
+        """BEV features -> per-query predictions of every decoder layer, proposal labels and picks, dense heatmap."""
+        return self.aligned(bev, None)
+
+    def aligned(self, bev: torch.Tensor, proposals: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The outputs for given proposal picks (e.g. onnxruntime's `query_proposals`; None: the head's own), so
+        near-tied top-k picks compare like for like."""
         dense: list[torch.Tensor] = []
         hook = self.head.heatmap_head.register_forward_hook(lambda _module, _args, out: dense.append(out))
         try:
-            [[preds]] = self.head(bev, None)  # forward(feats, metas) -> ([preds],); forward_single reads no metas
+            with ProposalPick(proposals) as pick:
+                [[preds]] = self.head(bev, None)  # forward(feats, metas) -> ([preds],); forward_single reads no metas
         finally:
             hook.remove()
-        return (*(preds[name] for name in BEVFUSION_PREDICTIONS), self.head.query_labels, dense[0])
-
-    def aligned(self, bev: torch.Tensor, dense_heatmap: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The outputs with the heatmap head's output replaced by `dense_heatmap` (onnxruntime's), so the head picks its
-        proposals from the same scores: near-tied top-k picks then compare like for like."""
-        hook = self.head.heatmap_head.register_forward_hook(lambda _module, _args, _out: dense_heatmap)
-        try:
-            return self(bev)
-        finally:
-            hook.remove()
+        if len(pick.picks) != 1:
+            raise RuntimeError(
+                f"{type(self.head).__qualname__}.forward cut {len(pick.picks)} argsorts, not the one proposal pick "
+                "`heatmap.argsort(descending=True)[..., :num_proposals]` of BEVFusion's forward_single: this head's "
+                "top-k is not the one head.object exports; export it with a part definition of its own")
+        return (*(preds[name] for name in BEVFUSION_PREDICTIONS), self.head.query_labels, pick.picks[0], dense[0])
 
 
 def is_instance_of(module: nn.Module, qualified_name: str) -> bool:
@@ -313,7 +340,9 @@ BEVFUSION_PARTS: dict[str, PartDef] = {
             "gpu",
             "BEVFusion's TransFusion head through its own forward: heatmap, local-max NMS, top-k proposals (TopK), "
             "transformer decoder, prediction FFNs (raw tensors)",
-            align=lambda module, inputs, ort: module.aligned(*inputs.values(), torch.from_numpy(ort["dense_heatmap"])),
+            align=lambda module, inputs, ort: module.aligned(
+                *inputs.values(), torch.from_numpy(ort["query_proposals"])
+            ),
             free=("dense_heatmap",),
             missing=_transfusion_missing,
             upstream=BEVFUSION_TRANSFUSION,

@@ -383,8 +383,8 @@ def _notes(model: nn.Module) -> list[str]:
     if "heads.object" in model.heads and part_for(model, "head.object").upstream:
         notes.append(
             "head.object is BEVFusion's TransFusionHead through its own forward, top-k proposals included (one ONNX "
-            "TopK, k = num_proposals <= TensorRT's 3840): onnxruntime and PyTorch pick proposals from the same dense "
-            "heatmap (PyTorch re-runs on onnxruntime's `dense_heatmap`), so near-tied picks compare like for like."
+            "TopK, k = num_proposals <= TensorRT's 3840): PyTorch re-runs on onnxruntime's picks (`query_proposals`, "
+            "imposed at the head's argsort cut), so near-tied picks compare like for like."
         )
     if not is_quantized(model):
         notes.append(

@@ -247,11 +247,11 @@ def parity_results(report: dict) -> dict[str, dict[str, dict]]:
 
 def parity_cell(result: dict) -> str:
     """One (part, flavour) parity result: its worst output's max abs against its bound, and the share above it."""
-    tol, cells = result["tolerance"], []
+    cells = []
     for r in result["outputs"].values():
         if "max_abs" in r:
-            bound = tol["max_rel"] * max(1.0, r["scale"])
-            cells.append((r["max_abs"] / bound, f"{r['max_abs']:.2g} / {bound:.2g}, {100 * r['outliers']:.3g} % above"))
+            cells.append((r["max_abs"] / r["bound"],
+                          f"{r['max_abs']:.2g} / {r['bound']:.2g}, {100 * r['outliers']:.3g} % above"))
         else:
             cells.append((float("inf") if not r["passed"] else 0.0, r.get("detail") or f"{r['mismatched']} mismatched"))
     verdict = "pass" if result["passed"] else "**FAIL**"

@@ -65,10 +65,12 @@ def compare(reference: torch.Tensor, actual: np.ndarray, tol: Tolerance) -> dict
     diff = np.abs(ref.astype(np.float64) - actual.astype(np.float64))
     scale = float(np.abs(ref).max(initial=0.0))
     norm = max(1.0, scale)
+    bound = tol.max_rel * norm
     max_abs, mean_abs = float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0
-    outliers = float((diff > tol.max_rel * norm).mean()) if diff.size else 0.0
+    outliers = float((diff > bound).mean()) if diff.size else 0.0
     passed = bool(np.isfinite(actual).all()) and outliers <= tol.outliers and mean_abs <= tol.mean_rel * norm
-    return {"max_abs": max_abs, "mean_abs": mean_abs, "outliers": outliers, "scale": scale, "passed": passed}
+    return {"max_abs": max_abs, "bound": bound, "mean_abs": mean_abs, "outliers": outliers, "scale": scale,
+            "passed": passed}
 
 
 class StableSorts(TorchFunctionMode):

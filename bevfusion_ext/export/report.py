@@ -23,10 +23,10 @@ def _shape(spec: dict) -> str:
 
 def _worst(parity: dict) -> str:
     """Largest max-error / bound ratio over the outputs of one flavour, and the largest share of elements above it."""
-    tol, ratios, shares = parity["tolerance"], [], []
+    ratios, shares = [], []
     for result in parity["outputs"].values():
         if "max_abs" in result:
-            ratios.append(result["max_abs"] / (tol["max_rel"] * max(1.0, result["scale"])))
+            ratios.append(result["max_abs"] / result["bound"])
             shares.append(result["outliers"])
         elif not result["passed"]:
             ratios.append(float("inf"))

@@ -141,27 +141,43 @@ def test_transfusion_proposals_are_one_bounded_topk_and_pools_are_batched(real: 
         assert len(pools) == 3 and all(ranks[n.input[0]] == 4 for n in pools), flavour  # NMS + classes 8 and 9
 
 
-def test_transfusion_reference_reruns_on_onnxruntime_picks(real: tuple) -> None:
-    """Two picks swapped (a near-tie the runtimes order differently) swap those two queries' outputs and nothing else:
-    the reference imposes onnxruntime's `query_proposals` at the head's argsort cut, not its own re-sorted heatmap."""
+def test_transfusion_reference_takes_onnxruntime_picks_only_where_tied(real: tuple) -> None:
+    """Two tied picks swapped (the order runtimes may give a near-tie) swap those two queries' outputs and nothing else;
+    a swap of untied picks is refused, so a wrong top-k still shows as mismatched `query_proposals`."""
     model, batch = real
     part = part_for(model, "head.object")
     module, examples = part.build(model).eval(), part.inputs(model, capture(model, first_sample(batch)))
-    with torch.no_grad():
-        own = dict(zip(part.outputs, module(*examples.values()), strict=True))
-        picks = own["query_proposals"].clone()
-        picks[:, [0, 1]] = picks[:, [1, 0]]
-        swapped = dict(zip(part.outputs, part.align(module, examples, {"query_proposals": picks.numpy()}), strict=True))
+    [bev] = examples.values()
     head = model.heads["object"]
-    P, layers, cells = head.num_proposals, head.num_decoder_layers, own["dense_heatmap"][0, 0].numel()
+    P, layers = head.num_proposals, head.num_decoder_layers
+
+    def outputs(*imposed: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return dict(zip(part.outputs, module.aligned(bev, *imposed), strict=True))
+
+    own = outputs()
+    first, second = own["query_proposals"][0, :2]
+    tied = own["dense_heatmap"].flatten().clone()
+    tied[second] = tied[first]  # the second pick's logit up to the first's: a tie, still a local maximum
+    tied = tied.view_as(own["dense_heatmap"])
+    ref = outputs(tied)
+    picks = ref["query_proposals"].clone()
+    picks[:, [0, 1]] = picks[:, [1, 0]]
+    swapped = outputs(tied, picks)
     order = torch.arange(P)
     order[[0, 1]] = order[[1, 0]]
+    cells = tied[0, 0].numel()
     assert torch.equal(swapped["query_proposals"], picks) and torch.equal(swapped["query_labels"], picks // cells)
-    torch.testing.assert_close(swapped["query_heatmap_score"], own["query_heatmap_score"][..., order])
+    torch.testing.assert_close(swapped["query_heatmap_score"], ref["query_heatmap_score"][..., order])
     per_layer = torch.cat([order + i * P for i in range(layers)])
     for name in ("center", "height", "dim", "rot", "vel", "heatmap"):
-        torch.testing.assert_close(swapped[name], own[name][..., per_layer], msg=name)
-    torch.testing.assert_close(swapped["dense_heatmap"], own["dense_heatmap"])
+        torch.testing.assert_close(swapped[name], ref[name][..., per_layer], msg=name)
+
+    untied = own["query_proposals"].clone()
+    untied[:, [0, P - 1]] = untied[:, [P - 1, 0]]
+    scores = own["dense_heatmap"].flatten().sigmoid()
+    assert scores[untied[0, 0]] < scores[untied[0, P - 1]] - 1e-3
+    assert torch.equal(outputs(own["dense_heatmap"], untied)["query_proposals"], own["query_proposals"])
 
 
 def test_noqdq_keeps_the_quantized_bev_grid_and_would_drift_without_it(quantized: tuple, real: tuple) -> None:

@@ -132,24 +132,29 @@ class ObjectHead(nn.Module):
 
 
 class ProposalPick(TorchFunctionMode):
-    """Records BEVFusion's TransFusionHead proposal pick, or imposes `choice` there.
+    """Records BEVFusion's TransFusionHead proposal pick, or imposes `choice` there where it is a near-tie.
 
     forward_single picks in one expression, `heatmap.argsort(descending=True)[..., :P]`, not in a method it could be
-    hooked at; so this mode watches that argsort and records (or replaces) the cut of its result.
+    hooked at; so this mode watches that argsort and records (or replaces) the cut of its result. An imposed pick is
+    taken only where its heatmap value equals the head's own pick's at that rank within TIE (runtimes' sigmoids differ
+    by ulps); elsewhere the head's own pick stays, so a wrong top-k still shows as mismatched `query_proposals`.
     """
 
     SORTS = (torch.argsort, torch.Tensor.argsort)
+    TIE = 1e-6  # sigmoid probabilities: a few float32 ulps
 
     def __init__(self, choice: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.choice, self.order, self.picks = choice, None, []
+        self.choice, self.scores, self.order, self.picks = choice, None, None, []
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if func in self.SORTS:
-            self.order = out
+            self.scores, self.order = args[0], out
         elif func is torch.Tensor.__getitem__ and self.order is not None and args[0] is self.order:
-            out = out if self.choice is None else self.choice
+            if self.choice is not None:
+                tied = (self.scores.gather(-1, self.choice) - self.scores.gather(-1, out)).abs() <= self.TIE
+                out = torch.where(tied, self.choice, out)
             self.picks.append(out)
         return out
 
@@ -164,13 +169,19 @@ class BEVFusionObjectHead(nn.Module):
 
     def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """BEV features -> per-query predictions of every decoder layer, proposal labels and picks, dense heatmap."""
-        return self.aligned(bev, None)
+        return self.aligned(bev)
 
-    def aligned(self, bev: torch.Tensor, proposals: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """The outputs for given proposal picks (e.g. onnxruntime's `query_proposals`; None: the head's own), so
-        near-tied top-k picks compare like for like."""
+    def aligned(self, bev: torch.Tensor, dense_heatmap: torch.Tensor | None = None,
+                proposals: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The outputs on a given heatmap head output and proposal picks (e.g. onnxruntime's; None: the head's own),
+        so near-tied top-k picks compare like for like (see ProposalPick)."""
         dense: list[torch.Tensor] = []
-        hook = self.head.heatmap_head.register_forward_hook(lambda _module, _args, out: dense.append(out))
+
+        def heatmap(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            dense.append(out if dense_heatmap is None else dense_heatmap)
+            return dense[-1]
+
+        hook = self.head.heatmap_head.register_forward_hook(heatmap)
         try:
             with ProposalPick(proposals) as pick:
                 [[preds]] = self.head(bev, None)  # forward(feats, metas) -> ([preds],); forward_single reads no metas
@@ -341,7 +352,7 @@ BEVFUSION_PARTS: dict[str, PartDef] = {
             "BEVFusion's TransFusion head through its own forward: heatmap, local-max NMS, top-k proposals (TopK), "
             "transformer decoder, prediction FFNs (raw tensors)",
             align=lambda module, inputs, ort: module.aligned(
-                *inputs.values(), torch.from_numpy(ort["query_proposals"])
+                *inputs.values(), *(torch.from_numpy(ort[name]) for name in ("dense_heatmap", "query_proposals"))
             ),
             free=("dense_heatmap",),
             missing=_transfusion_missing,

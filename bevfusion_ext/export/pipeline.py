@@ -383,8 +383,9 @@ def _notes(model: nn.Module) -> list[str]:
     if "heads.object" in model.heads and part_for(model, "head.object").upstream:
         notes.append(
             "head.object is BEVFusion's TransFusionHead through its own forward, top-k proposals included (one ONNX "
-            "TopK, k = num_proposals <= TensorRT's 3840): PyTorch re-runs on onnxruntime's picks (`query_proposals`, "
-            "imposed at the head's argsort cut), so near-tied picks compare like for like."
+            "TopK, k = num_proposals <= TensorRT's 3840): PyTorch re-runs on onnxruntime's `dense_heatmap` and its "
+            "picks (`query_proposals`, taken at the head's argsort cut where tied with PyTorch's), so near-tied picks "
+            "compare like for like."
         )
     if not is_quantized(model):
         notes.append(

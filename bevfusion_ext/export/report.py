@@ -108,8 +108,8 @@ def _parity(report: dict) -> list[str]:
         f"onnxruntime CPU, {threads} threads, fresh inputs: each example input's own values in a random order "
         f"(seed {seed}). head.object is compared on onnxruntime's top-k proposals, so near-tied picks do not count "
         "as errors: the reference head re-runs on onnxruntime's `query_labels` / `query_cells`, BEVFusion's "
-        "TransFusionHead on onnxruntime's `query_proposals`; `[free]` rows compare PyTorch's own run (the top-k "
-        "values, the heatmap the top-k reads).",
+        "TransFusionHead on onnxruntime's `dense_heatmap` and tied `query_proposals`; `[free]` rows compare "
+        "PyTorch's own run (the top-k values, the heatmap the top-k reads).",
         "",
         *(f"- noqdq of {name} keeps the fake quantization of Q/DQ-graph constants, as TensorRT folds them: "
           f"{', '.join(f'`{q}`' for q in e['noqdq_constant_quantizers'])}"

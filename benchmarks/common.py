@@ -7,6 +7,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,8 @@ from bevfusion_ext.datasets import SyntheticBEVDataset, collate
 from bevfusion_ext.models import reference_config
 from bevfusion_ext.models.config import SIZES
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 # The `full` model's channel knobs; full_at_width scales these and leaves depths, head counts and the scene alone.
 CHANNEL_KNOBS = ("neck_channels", "dtransform_channels", "camera_channels", "lidar_base_channels",
                  "lidar_encoder_channels", "lidar_channels", "fuser_channels", "second_channels", "fpn_channels",
@@ -31,6 +34,16 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def run_cli(command: list[str]) -> float:
+    """Run one of the project's CLIs from the repository root, as a user does: its wall seconds, or exit with the
+    command and its stderr tail when it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(map(str, command))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
 
 
 def threads_option(parser: argparse.ArgumentParser) -> None:

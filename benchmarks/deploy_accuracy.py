@@ -12,26 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from common import save, write_section
+from common import ROOT, run_cli, save, write_section
 
 from bevfusion_ext.export.accuracy import markdown
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/synthetic/multitask/tiny.yaml"  # scripts/demo.sh's reference config
 
-
-def run(command: list[str]) -> float:
-    """Run one CLI from the repository root; its wall seconds, or exit with its stderr tail when it fails."""
-    start = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: {' '.join(command)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -45,7 +34,7 @@ def main() -> None:
     python = sys.executable
     export = [python, "tools/export_engine.py", CONFIG, str(checkpoint), "--out", str(bundle), "--force"]
     evaluate = [python, "tools/eval_deployed.py", CONFIG, str(bundle)]
-    seconds = {"export": run(export), "eval_deployed": run(evaluate)}
+    seconds = {"export": run_cli(export), "eval_deployed": run_cli(evaluate)}
     result = json.loads((ROOT / bundle / "eval.json").read_text())
     save("deploy_accuracy", {"commands": [export, evaluate], "seconds": seconds,
                              "load_average_at_end": os.getloadavg(), **result})

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import yaml
-from common import figure, machine, median_seconds, save, write_section
+from common import ROOT, figure, machine, median_seconds, save, write_section
 from mmcv import Config
 
 from bevfusion_ext.compression import pruning as core
@@ -35,7 +35,7 @@ from bevfusion_ext.export.pipeline import ExportOptions, check_failures, export_
 from bevfusion_ext.models import build_model, reference_config
 from bevfusion_ext.models.config import SCENE, SIZES
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "compression"
+CONFIGS = ROOT / "configs" / "compression"
 # BEVFusion's nuScenes camera + lidar setup (configs/nuscenes/default.yaml + det/seg): cameras of 256 x 704, a
 # +-54 m range, camera BEV at 0.3 m pooled 2x to the 180 x 180 fused BEV grid (0.6 m), map head on a 200 x 200 grid
 # (+-50 m at 0.5 m), depth bins 1-60 m at 0.5 m. The dense lidar stand-in voxelizes at 0.3 m (stride 2 -> 180 x 180)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-from common import machine, save, write_section
+from common import ROOT, machine, run_cli, save, write_section
 
 from bevfusion_ext.compression import atomic_save
 from bevfusion_ext.datasets import collate
@@ -33,7 +32,6 @@ from bevfusion_ext.models import build_model
 from bevfusion_ext.runner.builder import build_dataset
 from bevfusion_ext.runner.train import prepare_config
 
-ROOT = Path(__file__).resolve().parents[1]
 FULL = "configs/synthetic/multitask/full.yaml"
 # (label, mode, frames in flight, onnxruntime intra-op threads per part = torch threads)
 SETTINGS = (
@@ -72,10 +70,7 @@ def full_bundle(tmp: Path) -> Path:
         model(return_loss=True, **collate([dataset[0], dataset[1]]))
     atomic_save({"meta": {}, "state_dict": model.state_dict()}, tmp / "full.pth")
     out = tmp / "full_bundle"
-    proc = subprocess.run([sys.executable, "tools/export_engine.py", FULL, str(tmp / "full.pth"), "--out", str(out),
-                           "--allow-dense"], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"export of the full-size model failed:\n{proc.stderr[-3000:]}")
+    run_cli([sys.executable, "tools/export_engine.py", FULL, str(tmp / "full.pth"), "--out", str(out), "--allow-dense"])
     return out
 
 

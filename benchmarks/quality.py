@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import save, write_section
+from common import ROOT, save, write_section
 from quality_plots import plot_kept_ratios, plot_sensitivity, plot_tradeoff
 
 from bevfusion_ext.compression.analysis import eval_forward
@@ -43,7 +43,6 @@ from bevfusion_ext.runner.rebuild import load_compressed_model
 from bevfusion_ext.runner.report import HEADLINE, read_jsonl
 from bevfusion_ext.runner.train import compression_recipe, prepare_config
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/synthetic/multitask/tiny.yaml"
 PRUNE = "configs/compression/prune_seed.yaml"
 QAT = "configs/compression/qat_int8.yaml"
